@@ -136,6 +136,11 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
+        # The weights are already dequantized to fp32; drop the GGUF quantizer marker so they save as plain
+        # safetensors and reload as an ordinary model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "ftedit_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))

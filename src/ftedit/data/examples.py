@@ -20,3 +20,13 @@ class TrainingExample:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown training example kind {self.kind!r}; expected one of {KINDS}")
+
+
+@dataclass(frozen=True)
+class PoolFact:
+    """A known fact (prompt -> its TRUE answer) from a pool, for random/similar-fact augmentation and locality."""
+
+    prompt: str
+    target: str
+    subject: str
+    relation_id: str | None = None

@@ -1,0 +1,130 @@
+"""Evaluation of edits, measured the way the model-editing literature does.
+
+* COUNTERFACT: ROME/MEMIT efficacy / generalization / locality (ES/PS/NS), magnitudes, edit score
+  (:mod:`ftedit.evaluate.counterfact`).
+* ZsRE (MEND split): MEMIT teacher-forced token accuracies (:mod:`ftedit.evaluate.zsre`).
+* Generation: fluency, consistency, greedy exact match (:mod:`ftedit.evaluate.generation`); knowledge probes
+  (:mod:`ftedit.evaluate.probes`); perplexity (:mod:`ftedit.evaluate.perplexity`).
+
+:func:`evaluate_requests` is the entry point; :func:`compare` gives pre/post deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftedit.data.requests import EditRequest
+from ftedit.evaluate.common import EvaluationError, is_finite
+from ftedit.evaluate.counterfact import evaluate_counterfact
+from ftedit.evaluate.generation import GenerationOptions, evaluate_generation
+from ftedit.evaluate.scoring import PairScore, next_token_topk, score_pairs
+from ftedit.evaluate.zsre import evaluate_zsre
+
+PROTOCOLS = ("auto", "counterfact", "zsre")
+
+__all__ = [
+    "EvalResult",
+    "EvaluationError",
+    "GenerationOptions",
+    "PairScore",
+    "compare",
+    "detect_protocol",
+    "evaluate_requests",
+    "next_token_topk",
+    "score_pairs",
+]
+
+
+@dataclass
+class EvalResult:
+    """``summary``: metric name -> value (percentages x100, counts, the protocol); ``records``: per-record
+    details when asked for; ``config``: how the evaluation ran."""
+
+    protocol: str
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"protocol": self.protocol, "summary": self.summary, "config": self.config}
+        if self.records is not None:
+            out["records"] = self.records
+        return out
+
+
+def detect_protocol(requests: Sequence[EditRequest]) -> str:
+    """``counterfact`` when every request has target_true, ``zsre`` when none has; mixed is an error."""
+    with_true = sum(1 for r in requests if r.target_true)
+    if with_true == len(requests):
+        return "counterfact"
+    if with_true == 0:
+        return "zsre"
+    raise EvaluationError(f"{with_true} of {len(requests)} requests have target_true: mixed sets cannot be "
+                          "scored under one protocol; pass protocol='zsre' to score all of them by token accuracy")
+
+
+def _merge_generation(summary, records, gen_summary, gen_records) -> None:
+    summary.update(gen_summary)
+    for rec, gen in zip(records, gen_records, strict=True):
+        rec["generation"] = gen
+
+
+def evaluate_requests(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    *,
+    protocol: str = "auto",
+    batch_size: int = 32,
+    details: bool = False,
+    progress: bool = True,
+    missing: str = "error",
+    generation: GenerationOptions | None = None,
+    snippets: Mapping[str, Mapping[str, list[str]]] | None = None,
+    vectorizer=None,
+    target_ids: Mapping[Any, str] | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``requests``.
+
+    ``protocol``: "counterfact" (needs target_true), "zsre", or "auto" (counterfact when requests have
+    target_true, else zsre). ``missing``: "error" raises on a record without paraphrase/neighborhood prompts,
+    "count" averages those metrics over the records that have them and reports the counts. ``generation``:
+    also compute fluency (and consistency, given ``snippets``) over the requests' generation prompts.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+    if not requests:
+        raise EvaluationError("no requests to evaluate")
+    chosen = detect_protocol(requests) if protocol == "auto" else protocol
+    run = evaluate_counterfact if chosen == "counterfact" else evaluate_zsre
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing)
+        if generation is not None:
+            gen_summary, gen_records = evaluate_generation(
+                model, tok, requests, generation, snippets=snippets, vectorizer=vectorizer,
+                target_ids=target_ids, progress=progress)
+            _merge_generation(summary, records, gen_summary, gen_records)
+    finally:
+        model.train(was_training)
+    summary["seconds"] = time.perf_counter() - start
+    config = {"protocol": chosen, "protocol_requested": protocol, "batch_size": batch_size, "missing": missing,
+              "generation": generation.to_dict() if generation else None}
+    return EvalResult(chosen, summary, records if details else None, config)
+
+
+def compare(pre: EvalResult, post: EvalResult) -> dict[str, dict[str, float]]:
+    """``metric -> {"pre", "post", "delta"}`` for every numeric summary value both results have."""
+    if pre.protocol != post.protocol:
+        raise ValueError(f"cannot compare a {pre.protocol} result with a {post.protocol} result")
+    out = {}
+    for key, before in pre.summary.items():
+        after = post.summary.get(key)
+        if key != "seconds" and is_finite(before) and is_finite(after):
+            out[key] = {"pre": before, "post": after, "delta": after - before}
+    return out

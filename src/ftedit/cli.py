@@ -1,0 +1,84 @@
+"""The ``ftedit`` command line: demo, edit, eval, recipes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ftedit.evaluate.cli import eval_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Edit the factual knowledge of causal language models by fine-tuning, and measure it.")
+console = Console()
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="Model to edit (default: the bundled gemma-3-270m).")] = "demo",
+    recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = "ft-mask-para-rand",
+) -> None:
+    """Edit a few real COUNTERFACT facts in gemma-3-270m and show predictions before and after."""
+    from ftedit.demo import run_demo
+
+    run_demo(model, recipe, console)
+
+
+@app.command()
+def recipes() -> None:
+    """List the named editing recipes."""
+    from ftedit.config import recipe_names, resolve_config
+
+    table = Table(title="recipes (override any field with --config FILE or --set key=value)")
+    table.add_column("name")
+    table.add_column("what it does")
+    for name in recipe_names():
+        table.add_row(name, " ".join(resolve_config(name).description.split()))
+    console.print(table)
+
+
+@app.command("edit")
+def edit_command(
+    data: Annotated[str, typer.Option(help="Edit requests: COUNTERFACT/ZsRE JSON, JSONL/CSV or hf:NAME.")],
+    out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
+    model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
+    recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`).")] = "ft-mask-para-rand",
+    config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation.")] = None,
+    n: Annotated[int | None, typer.Option(help="Number of edit records (default: all).")] = None,
+    offset: Annotated[int, typer.Option(help="First record index.")] = 0,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip invalid records (reported) instead of failing.")] = False,
+    save: Annotated[str, typer.Option(help="model | adapter | none.")] = "model",
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate before and after editing.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Edit a model by fine-tuning and write the edited model, its manifest and (optionally) its evaluation."""
+    from ftedit.runner import run_edit
+
+    run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=set_ or [],
+             pool=pool, n=n, offset=offset, skip_invalid=skip_invalid, save=save, evaluate=evaluate,
+             overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console)
+
+
+app.command("eval")(eval_command)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,150 @@
+"""Edit configuration: nested dataclasses, named recipes (YAML in ``ftedit/recipes``) and overrides.
+
+Resolution order: dataclass defaults < recipe < user config file (YAML or TOML) < ``--set key=value``.
+Unknown keys are errors that name the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftedit.augment import AugmentConfig
+from ftedit.train import ObjectiveConfig, TrainConfig
+
+MODES = ("mass", "single", "sequential")
+
+
+@dataclass
+class ParamConfig:
+    layers: str = "-3:"  # "15", "15,16", "-3:" (last three), "4:8", "all", or "frac:0.66" (that depth)
+    modules: str = "down"  # roles up/gate/down/q/k/v/o/qkv, groups mlp/attn, or block; comma-separated
+    method: str = "full"  # "full": update the selected weights; "lora": train LoRA adapters on them (peft)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    norm_constraint: float = 0.0  # >0: FT-L, clamp each weight within this distance of its original value
+
+
+@dataclass
+class EditConfig:
+    recipe: str = "custom"
+    description: str = ""
+    mode: str = "mass"  # "mass": all edits at once; "single": each edit on a fresh model; "sequential": batches
+    sequential_batch: int = 100  # edits per batch in sequential mode
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    params: ParamConfig = field(default_factory=ParamConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.params.method not in ("full", "lora"):
+            raise ConfigError(f"params.method {self.params.method!r} is not 'full' or 'lora'")
+        if self.train.pipeline not in ("breadth", "depth"):
+            raise ConfigError(f"train.pipeline {self.train.pipeline!r} is not 'breadth' or 'depth'")
+        for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in files("ftedit.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    return data
+
+
+def _merge(obj: Any, updates: dict[str, Any], where: str, prefix: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown config field {prefix + key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {prefix + key!r} must be a mapping")
+            _merge(current, value, where, prefix + key + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}: {prefix + key}"))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    try:
+        if isinstance(current, int) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: expected a {type(current).__name__}, got {value!r}") from e
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "mode=single"]`` -> nested dict. Values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def resolve_config(recipe: str | None = None, config_file: str | Path | None = None,
+                   overrides: list[str] | dict[str, Any] | None = None) -> EditConfig:
+    cfg = EditConfig()
+    if recipe:
+        if recipe not in recipe_names():
+            raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(recipe_names())}")
+        path = Path(str(files("ftedit.recipes").joinpath(recipe + ".yaml")))
+        _merge(cfg, _read_mapping(path), f"recipe {recipe}")
+        cfg.recipe = recipe
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        _merge(cfg, _read_mapping(path), str(path))
+    if overrides:
+        updates = parse_assignments(overrides) if isinstance(overrides, list) else overrides
+        _merge(cfg, updates, "--set")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: EditConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

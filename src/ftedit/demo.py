@@ -1,0 +1,108 @@
+"""``ftedit demo``: edit a few real COUNTERFACT facts in the bundled gemma-3-270m and show before and after."""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ftedit.config import resolve_config
+from ftedit.data.loaders import load_pool_facts, load_requests
+from ftedit.data.requests import EditRequest
+from ftedit.editor import edit
+from ftedit.evaluate import evaluate_requests, next_token_topk, score_pairs
+from ftedit.models import load_model
+
+#: Recipe and CPU-sized augmentation for the demo (the recipe's own counts are the paper's, for GPUs).
+DEMO_RECIPE = "ft-mask-para-rand"
+DEMO_OVERRIDES = {"augment": {"n_paraphrases": 4, "n_random": 6, "paraphrase_bank": 16}}
+
+
+def resource(name: str) -> Path:
+    return Path(str(files("ftedit.resources").joinpath(name)))
+
+
+def probe_rows(request: EditRequest) -> list[tuple[str, str]]:
+    """The prompts shown for one edit: the edit itself, a paraphrase and an unrelated neighbor."""
+    rows = [("edit", request.prompt)]
+    if request.paraphrase_prompts:
+        rows.append(("paraphrase", request.paraphrase_prompts[0]))
+    if request.neighborhood:
+        rows.append(("unrelated", request.neighborhood[0].prompt))
+    return rows
+
+
+def snapshot(model, tok, requests: list[EditRequest]) -> dict[tuple[int, str], tuple[str, float, float]]:
+    """For each shown prompt: top-1 next token, P(new target), P(true target) (whole-target probabilities)."""
+    keys, prompts, pairs = [], [], []
+    for i, r in enumerate(requests):
+        for kind, prompt in probe_rows(r):
+            keys.append((i, kind))
+            prompts.append(prompt)
+            pairs += [(prompt, r.target_new), (prompt, r.target_true)]
+    top = next_token_topk(model, tok, prompts, k=1)
+    scores = score_pairs(model, tok, pairs)
+    return {key: (top[j][0].token, _prob(scores[2 * j]), _prob(scores[2 * j + 1])) for j, key in enumerate(keys)}
+
+
+def _prob(score) -> float:
+    import math
+
+    return math.exp(sum(score.logprobs))
+
+
+def show_top_predictions(console: Console, model, tok, requests: list[EditRequest]) -> None:
+    table = Table(title="What the unedited model predicts next")
+    table.add_column("prompt")
+    table.add_column("top-3 next tokens")
+    for r, top in zip(requests, next_token_topk(model, tok, [r.prompt for r in requests], k=3), strict=True):
+        table.add_row(r.prompt, ", ".join(f"{t.token.strip()!r} {t.prob:.2f}" for t in top))
+    console.print(table)
+
+
+def show_before_after(console: Console, requests, before, after) -> None:
+    table = Table(title="Before -> after the edit (P = probability of the whole answer)")
+    for col in ("edit", "prompt", "top-1 before", "top-1 after", "P(new) before -> after", "P(true) before -> after"):
+        table.add_column(col)
+    for i, r in enumerate(requests):
+        for kind, prompt in probe_rows(r):
+            b, a = before[(i, kind)], after[(i, kind)]
+            style = "green" if kind != "unrelated" else "cyan"
+            table.add_row(f"{r.target_true} -> {r.target_new}" if kind == "edit" else f"  ({kind})",
+                          f"[{style}]{prompt}[/{style}]", repr(b[0].strip()), repr(a[0].strip()),
+                          f"{b[1]:.3f} -> {a[1]:.3f}", f"{b[2]:.3f} -> {a[2]:.3f}")
+    console.print(table)
+
+
+def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Console | None = None) -> dict:
+    console = console or Console()
+    start = time.perf_counter()
+    with console.status(f"loading {model_spec} (the first run dequantizes the GGUF once, about a minute)"):
+        model, tok, identity = load_model(model_spec)
+    console.print(f"[bold]model[/bold] {identity.model_class}, {identity.num_parameters:,} parameters, "
+                  f"{identity.dtype} on {next(model.parameters()).device}")
+    requests = load_requests(resource("demo_edits.json")).requests
+    pool = load_pool_facts(resource("demo_pool.json"))
+    show_top_predictions(console, model, tok, requests)
+
+    before = snapshot(model, tok, requests)
+    pre = evaluate_requests(model, tok, requests, progress=False).summary
+    config = resolve_config(recipe, overrides=DEMO_OVERRIDES if recipe == DEMO_RECIPE else None)
+    console.print(f"[bold]editing[/bold] {len(requests)} COUNTERFACT facts with recipe [bold]{recipe}[/bold]: "
+                  f"{config.description.strip()}")
+    result = edit(model, tok, requests, config, pool=pool, model_fingerprint=identity.fingerprint)
+    console.print(f"trained {result.trainable_parameters:,} parameters in "
+                  f"{', '.join(t['name'] for t in result.targets)} on {result.examples_by_kind} examples "
+                  f"in {result.seconds['train']:.0f}s")
+    after = snapshot(result.model, tok, requests)
+    post = evaluate_requests(result.model, tok, requests, progress=False).summary
+    show_before_after(console, requests, before, after)
+    keys = ("efficacy", "generalization", "locality", "edit_score")
+    console.print("COUNTERFACT protocol on these edits (ES/PS/NS, edit score): before "
+                  + " / ".join(f"{pre[k]:.0f}" for k in keys) + ", after "
+                  + " / ".join(f"{post[k]:.0f}" for k in keys))
+    console.print(f"total {time.perf_counter() - start:.0f}s")
+    return {"pre": pre, "post": post, "before": before, "after": after}

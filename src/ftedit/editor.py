@@ -1,0 +1,178 @@
+"""The editor: ``edit(model, tokenizer, requests, config) -> EditResult``.
+
+Steps: augment (from the *unedited* model), select parameters, attach them (full weights or LoRA), then
+train in the configured mode (mass, single, sequential). The model is edited in place;
+``EditResult.restore()`` puts the original weights back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftedit.augment import build_training_set
+from ftedit.config import EditConfig, ParamConfig
+from ftedit.data.examples import PoolFact, TrainingExample
+from ftedit.data.requests import EditRequest
+from ftedit.params import NormConstraint, Target, freeze_all_but, select_targets, trainable_parameters
+from ftedit.train import TrainResult, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Attached:
+    """The trainable parameters of an edit and how to undo it."""
+
+    model: nn.Module  # the model to train and evaluate (a PeftModel for LoRA)
+    params: dict[str, nn.Parameter]
+    initial: dict[str, torch.Tensor]  # values at attach time, to reset between single edits
+    after_step: Callable[[], None] | None
+    lora: bool
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.initial[name])
+
+
+def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attached:
+    """Make exactly the selected weights trainable, directly or through LoRA adapters."""
+    if cfg.method == "lora":
+        return _attach_lora(model, targets, cfg)
+    params = trainable_parameters(targets)
+    freeze_all_but(model, params)
+    constraint = NormConstraint(params, cfg.norm_constraint) if cfg.norm_constraint > 0 else None
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    return Attached(model, params, initial, constraint.apply if constraint else None, lora=False)
+
+
+def _attach_lora(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attached:
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.norm_constraint > 0:
+        raise ValueError("params.norm_constraint (FT-L) applies to full weights, not to LoRA adapters")
+    names = []
+    for t in targets:
+        if t.role == "block":
+            names += [f"{t.name}.{n}" for n, m in t.module.named_modules() if isinstance(m, nn.Linear) and n]
+        else:
+            names.append(t.name)
+    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=names, bias="none")
+    peft_model = get_peft_model(model, lora_cfg)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    return Attached(peft_model, params, initial, None, lora=True)
+
+
+@dataclass
+class EditResult:
+    model: nn.Module
+    config: EditConfig
+    targets: list[dict[str, Any]]
+    trainable_parameters: int
+    examples_by_kind: dict[str, int]
+    train: list[TrainResult]
+    seconds: dict[str, float]
+    single_edit_metrics: list[dict[str, Any]] = field(default_factory=list)
+    _attached: Attached | None = None
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model with the edit folded in (merges LoRA adapters)."""
+        return self.model.merge_and_unload() if self._attached and self._attached.lora else self.model
+
+    def restore(self) -> nn.Module:
+        """Undo the edit and return the original model."""
+        if self._attached is None:
+            return self.model
+        self._attached.reset()
+        base = self.model.unload() if self._attached.lora else self.model
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+
+
+def edit(
+    model: nn.Module,
+    tok,
+    requests: Sequence[EditRequest],
+    config: EditConfig,
+    pool: Sequence[PoolFact] | None = None,
+    evaluate_single: Callable[[nn.Module, Any, list[EditRequest]], dict[str, Any]] | None = None,
+    progress: bool = True,
+    model_fingerprint: str = "",
+) -> EditResult:
+    """Write ``requests`` into ``model`` by fine-tuning, as ``config`` says. Edits ``model`` in place.
+
+    In single mode each edit is trained on the original weights, measured with ``evaluate_single``
+    (default: the COUNTERFACT/ZsRE harness), and undone before the next one.
+    """
+    config.validate()
+    requests = list(requests)
+    if not requests:
+        raise ValueError("no edit requests")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    examples = build_training_set(model, tok, requests, config.augment, pool=pool, progress=progress,
+                                  model_fingerprint=model_fingerprint)
+    timings["augment"] = time.perf_counter() - t0
+
+    targets = select_targets(model, config.params.layers, config.params.modules)
+    attached = attach(model, targets, config.params)
+    n_trainable = sum(p.numel() for p in attached.params.values())
+    logger.info("trainable parameters: %s in %d modules (%s)", f"{n_trainable:,}", len(targets),
+                ", ".join(t.name for t in targets))
+
+    t1 = time.perf_counter()
+    runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress)
+    timings["train"] = time.perf_counter() - t1
+    return EditResult(
+        model=attached.model,
+        config=config,
+        targets=[{"name": t.name, "layer": t.layer, "role": t.role} for t in targets],
+        trainable_parameters=n_trainable,
+        examples_by_kind=dict(Counter(e.kind for e in examples)),
+        train=runs,
+        seconds=timings,
+        single_edit_metrics=single,
+        _attached=attached,
+    )
+
+
+def _examples_for(examples: list[TrainingExample], request_ids: set[int]) -> list[TrainingExample]:
+    return [e for e in examples if e.request_index in request_ids]
+
+
+def _train(attached: Attached, tok, examples, config: EditConfig, progress: bool) -> TrainResult:
+    return train(attached.model, tok, examples, list(attached.params.values()), config.train, config.objective,
+                 after_step=attached.after_step, progress=progress)
+
+
+def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_single, progress):
+    if config.mode == "mass":
+        return [_train(attached, tok, examples, config, progress)], []
+    if config.mode == "sequential":
+        runs = []
+        for start in range(0, len(requests), config.sequential_batch):
+            ids = set(range(start, min(start + config.sequential_batch, len(requests))))
+            runs.append(_train(attached, tok, _examples_for(examples, ids), config, progress))
+        return runs, []
+    if evaluate_single is None:
+        from ftedit.evaluate import evaluate_requests
+
+        def evaluate_single(model, tok, reqs):
+            return evaluate_requests(model, tok, reqs, progress=False).summary
+    runs, metrics = [], []
+    for i, request in enumerate(requests):
+        runs.append(_train(attached, tok, _examples_for(examples, {i}), config, progress=False))
+        metrics.append({"request_index": i, **evaluate_single(attached.model, tok, [request])})
+        attached.reset()
+    return runs, metrics

@@ -1,0 +1,52 @@
+"""Small helpers shared by the evaluation protocols."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ftedit.data.requests import EditRequest
+
+#: Policies for a record that lacks paraphrase or neighborhood prompts.
+MISSING_POLICIES = ("error", "count")
+
+
+class EvaluationError(ValueError):
+    """A request cannot be scored under the chosen protocol."""
+
+
+def describe(req: EditRequest, position: int) -> str:
+    """Name a record for an error message: case id, source file and index when known."""
+    parts = [f"request #{position}"]
+    if req.case_id is not None:
+        parts.append(f"case_id={req.case_id!r}")
+    if req.origin.file:
+        parts.append(f"{req.origin.file}[{req.origin.index}]")
+    parts.append(f"prompt={req.prompt!r}")
+    return " ".join(parts)
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean as scipy.stats.hmean gives it for non-negative scores: 0 when any value is 0."""
+    if not values or any(v is None for v in values):
+        return None
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def check_policy(missing: str) -> None:
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+
+
+def is_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,66 @@
+"""Token-weighted perplexity on held-out text (e.g. ``downstream/wiki_summaries.jsonl``).
+
+Each text is encoded like a prompt (BOS when the tokenizer adds one) and truncated to ``max_length`` tokens;
+every token after the first is predicted. Perplexity is ``exp(sum of token NLLs / number of predicted tokens)``
+over all texts together, so long texts weigh more than short ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ftedit.evaluate.scoring import score_encoded
+from ftedit.tokenization import EncodedPair, encode_prompt
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean NLL per predicted token (nats)
+    n_tokens: int
+    n_texts: int
+    n_texts_skipped: int  # texts with fewer than two tokens: nothing to predict
+    max_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_texts(path: str | Path, n: int | None = 200, offset: int = 0, field: str = "text") -> list[str]:
+    """Texts ``offset .. offset+n-1`` of a JSONL file (one object per line, ``field`` holding the text)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < offset or not line.strip():
+                continue
+            if n is not None and len(texts) >= n:
+                break
+            texts.append(json.loads(line)[field])
+    return texts
+
+
+def perplexity(
+    model,
+    tok,
+    texts: Sequence[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Token-weighted perplexity of ``texts``, each truncated to ``max_length`` tokens."""
+    encoded = [EncodedPair(tuple(encode_prompt(tok, t)[:max_length]), 1) for t in texts]
+    usable = [e for e in encoded if e.target_len > 0]
+    if not usable:
+        raise ValueError("no text has two or more tokens; nothing to compute perplexity on")
+    scores = score_encoded(model, usable, tok.pad_token_id, batch_size=batch_size, progress=progress,
+                           desc="perplexity")
+    total = -sum(sum(s.logprobs) for s in scores)
+    n_tokens = sum(len(s.logprobs) for s in scores)
+    nll = total / n_tokens
+    return PerplexityResult(math.exp(nll), nll, n_tokens, len(usable), len(texts) - len(usable), max_length)

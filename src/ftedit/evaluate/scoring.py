@@ -1,0 +1,246 @@
+"""Batched teacher-forced scoring of (prompt, target) pairs.
+
+Each pair is encoded with :func:`ftedit.tokenization.encode_pair` and scored in ONE forward pass over
+``prompt + target``. Pairs are de-duplicated, sorted by length (little padding), right-padded with
+:func:`ftedit.tokenization.pad_right`, and the LM head is applied only at the positions that predict a target
+token: the transformer body gives hidden states, and the output embedding (plus Gemma-style final logit
+soft-capping) turns just the gathered positions into logits. With a 262k vocabulary that head is most of the
+cost of a full forward, so skipping it elsewhere is where the speed comes from.
+
+The split into body and head is checked once per model against ``model(...).logits``; a model whose head does
+something else (an unknown logit scale, say) falls back to the full forward, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
+
+logger = logging.getLogger(__name__)
+
+#: Positions per LM-head call: bounds the [positions, vocab] logits block (256 x 262144 fp32 = 268 MB).
+HEAD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """Per-target-token log-probabilities and teacher-forced argmax of one (prompt, target) pair."""
+
+    target_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    argmax_ids: tuple[int, ...]
+
+    @property
+    def nll(self) -> float:
+        """Mean over target tokens of -log P (the MEMIT/ROME ``*_probs`` value)."""
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def mean_token_prob(self) -> float:
+        """``exp(-nll)``: the geometric mean of the per-token probabilities."""
+        return math.exp(-self.nll)
+
+    @property
+    def token_correct(self) -> tuple[bool, ...]:
+        return tuple(a == t for a, t in zip(self.argmax_ids, self.target_ids))
+
+    @property
+    def token_accuracy(self) -> float:
+        correct = self.token_correct
+        return sum(correct) / len(correct)
+
+    @property
+    def all_correct(self) -> bool:
+        """Every target token is the argmax: equivalently, greedy decoding reproduces the target."""
+        return all(self.token_correct)
+
+
+@dataclass(frozen=True)
+class NextToken:
+    token_id: int
+    token: str
+    prob: float
+
+
+@dataclass
+class _LMParts:
+    body: torch.nn.Module | None  # None: use the full forward (the split did not verify)
+    head: torch.nn.Module | None
+    softcap: float | None
+
+
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _unwrap(model):
+    """The causal-LM module inside a PEFT wrapper (LoRA layers stay injected, so scores include them)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _softcap_of(model) -> float | None:
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is None and hasattr(cfg, "get_text_config"):
+        cap = getattr(cfg.get_text_config(), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _apply_head(parts: _LMParts, hidden: torch.Tensor) -> torch.Tensor:
+    logits = parts.head(hidden).float()
+    if parts.softcap is not None:
+        logits = torch.tanh(logits / parts.softcap) * parts.softcap
+    return logits
+
+
+def _body_hidden(parts: _LMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _split_candidate(model) -> _LMParts:
+    lm = _unwrap(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    body = getattr(lm, "base_model", None)
+    if head is None or body is None or body is lm:
+        return _LMParts(None, None, None)
+    return _LMParts(body, head, _softcap_of(lm))
+
+
+@torch.inference_mode()
+def _verify(model, parts: _LMParts) -> bool:
+    ids = torch.tensor([[1, 5, 7, 11, 3, 2]], device=model_device(model)) % model.config.get_text_config().vocab_size
+    mask = torch.ones_like(ids)
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    split = _apply_head(parts, _body_hidden(parts, ids, mask))
+    scale = full.abs().max().clamp_min(1.0)
+    return bool(((full - split).abs().max() / scale) < 1e-3)
+
+
+def lm_parts(model) -> _LMParts:
+    """Body/head split of a causal LM, verified once against the full forward and cached per model."""
+    parts = _PARTS.get(model)
+    if parts is None:
+        parts = _split_candidate(model)
+        if parts.body is not None and not _verify(model, parts):
+            logger.warning("%s: body + output embedding does not reproduce model(...).logits; "
+                           "scoring falls back to the full forward (slower)", type(model).__name__)
+            parts = _LMParts(None, None, None)
+        _PARTS[model] = parts
+    return parts
+
+
+def _position_logits(model, parts: _LMParts, input_ids, attention_mask, rows, cols) -> Iterator[torch.Tensor]:
+    """Float32 logits at positions ``(rows[i], cols[i])``, yielded in chunks of at most HEAD_CHUNK."""
+    if parts.body is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        selected = logits[rows, cols]
+        for start in range(0, len(rows), HEAD_CHUNK):
+            yield selected[start:start + HEAD_CHUNK].float()
+        return
+    hidden = _body_hidden(parts, input_ids, attention_mask)[rows, cols]
+    for start in range(0, len(rows), HEAD_CHUNK):
+        yield _apply_head(parts, hidden[start:start + HEAD_CHUNK])
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (an OOM shows up on the first batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _score_batch(model, parts, batch: Sequence[EncodedPair], pad_token_id: int) -> list[PairScore]:
+    padded = pad_right(batch, pad_token_id).to(model_device(model))
+    rows, cols = (padded.labels != -100).nonzero(as_tuple=True)  # row-major: pair by pair, token by token
+    targets = padded.labels[rows, cols]
+    logprobs, argmax = [], []
+    for start, logits in zip(range(0, len(rows), HEAD_CHUNK),
+                             _position_logits(model, parts, padded.input_ids, padded.attention_mask, rows, cols - 1)):
+        chunk_targets = targets[start:start + len(logits)]
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1))
+        argmax.append(logits.argmax(dim=-1))
+    flat_lp = torch.cat(logprobs).double().cpu().tolist()
+    flat_am = torch.cat(argmax).cpu().tolist()
+    scores, offset = [], 0
+    for pair in batch:
+        n = pair.target_len
+        scores.append(PairScore(pair.target_ids, tuple(flat_lp[offset:offset + n]), tuple(flat_am[offset:offset + n])))
+        offset += n
+    return scores
+
+
+@torch.inference_mode()
+def score_encoded(
+    model,
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[PairScore]:
+    """Score encoded pairs (each needs at least one target token); results in input order."""
+    unique: dict[EncodedPair, int] = {}
+    for p in pairs:
+        if p.target_len < 1:
+            raise ValueError(f"pair {p.input_ids} has no target tokens to score")
+        unique.setdefault(p, len(unique))
+    distinct = list(unique)
+    parts = lm_parts(model)
+    results: list[PairScore | None] = [None] * len(distinct)
+    batches = _length_batches([len(p.input_ids) for p in distinct], batch_size)
+    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        for i, score in zip(idx, _score_batch(model, parts, [distinct[i] for i in idx], pad_token_id)):
+            results[i] = score
+    return [results[unique[p]] for p in pairs]
+
+
+def score_pairs(
+    model,
+    tok,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    append_eos: bool = False,
+    desc: str = "scoring",
+) -> list[PairScore]:
+    """Score ``(prompt, target)`` pairs with ftedit's tokenization conventions (one leading space, BOS per tokenizer)."""
+    encoded = [encode_pair(tok, prompt, target, append_eos) for prompt, target in pairs]
+    return score_encoded(model, encoded, tok.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
+
+
+@torch.inference_mode()
+def next_token_batches(model, tok, prompts: Sequence[str], *, batch_size: int = 32) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(prompt indices, float32 next-token probabilities [len(indices), vocab])`` batch by batch."""
+    parts = lm_parts(model)
+    encoded = [EncodedPair(tuple(ids), len(ids)) for ids in (encode_prompt(tok, p) for p in prompts)]
+    for idx in _length_batches([len(e.input_ids) for e in encoded], batch_size):
+        padded = pad_right([encoded[i] for i in idx], tok.pad_token_id).to(model_device(model))
+        rows = torch.arange(len(idx), device=padded.input_ids.device)
+        cols = padded.attention_mask.sum(1) - 1
+        yield idx, torch.cat([torch.softmax(lg, dim=-1) for lg in _position_logits(
+            model, parts, padded.input_ids, padded.attention_mask, rows, cols)])
+
+
+def next_token_topk(model, tok, prompts: Sequence[str], k: int = 5, *, batch_size: int = 32) -> list[list[NextToken]]:
+    """The ``k`` most probable next tokens after each prompt (full softmax over the vocabulary), most probable first."""
+    result: list[list[NextToken]] = [[] for _ in prompts]
+    for idx, probs in next_token_batches(model, tok, prompts, batch_size=batch_size):
+        top = torch.topk(probs, k, dim=-1)
+        for row, i in enumerate(idx):
+            result[i] = [NextToken(int(t), tok.decode([int(t)]), float(p))
+                         for p, t in zip(top.values[row].tolist(), top.indices[row].tolist())]
+    return result

@@ -1,0 +1,97 @@
+"""Writing results: atomic files and directories, the edited model or adapter, and manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ftedit import __version__
+from ftedit.config import save_config
+from ftedit.data.requests import EditRequest
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temp file beside ``path`` and rename it over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False):
+    """Yield a temp directory beside ``target``; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def request_hash(request: EditRequest) -> str:
+    """Stable identity of an edit: prompt and new target (what the model is asked to say)."""
+    return hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).hexdigest()[:16]
+
+
+def build_manifest(result, requests: Sequence[EditRequest], base_identity: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "ftedit_version": __version__,
+        "base_model": base_identity,
+        "recipe": result.config.recipe,
+        "config": result.config.to_dict(),
+        "seed": result.config.train.seed,
+        "touched": {
+            "method": result.config.params.method,
+            "layers": sorted({t["layer"] for t in result.targets}),
+            "modules": result.targets,
+            "trainable_parameters": result.trainable_parameters,
+        },
+        "examples_by_kind": result.examples_by_kind,
+        "training": [vars(r) for r in result.train],
+        "seconds": result.seconds,
+        "edits": [{"hash": request_hash(r), **r.to_dict()} for r in requests],
+        **(extra or {}),
+    }
+
+
+def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: str = "model",
+              overwrite: bool = False) -> Path:
+    """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``) or neither (``"none"``)."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        if save == "model":
+            model = result.merged_model()
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tok.save_pretrained(tmp / "model")
+        elif save == "adapter":
+            if not result.config.params.method == "lora":
+                raise ValueError("--save adapter needs params.method=lora; full-weight edits save the model")
+            result.model.save_pretrained(tmp / "adapter")
+        elif save != "none":
+            raise ValueError(f"unknown save mode {save!r}: use model, adapter or none")
+        save_config(result.config, tmp / "config.yaml")
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return Path(out_dir)
