@@ -107,11 +107,13 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a {type(current).__name__}, got {value!r}") from e
     if isinstance(current, str):
         return str(value)
-    return value
+    if isinstance(value, str) and (current is None or isinstance(current, tuple | list)):
+        value = yaml.safe_load(value)  # "--set augment.paraphrase_bank=16" or "...prefix_seeds=[The, A]"
+    return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "mode=single"]`` -> nested dict. Values are parsed as YAML scalars."""
+    """``["train.lr=1e-4", "mode=single"]`` -> nested dict of raw strings, typed later by the field they set."""
     out: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
@@ -121,7 +123,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = raw.strip()
     return out
 
 

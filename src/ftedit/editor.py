@@ -21,7 +21,14 @@ from ftedit.augment import build_training_set
 from ftedit.config import EditConfig, ParamConfig
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
-from ftedit.params import NormConstraint, Target, freeze_all_but, select_targets, trainable_parameters
+from ftedit.params import (
+    NormConstraint,
+    Target,
+    first_trainable_layer,
+    freeze_all_but,
+    select_targets,
+    trainable_parameters,
+)
 from ftedit.train import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -36,6 +43,7 @@ class Attached:
     initial: dict[str, torch.Tensor]  # values at attach time, to reset between single edits
     after_step: Callable[[], None] | None
     lora: bool
+    first_layer: int = 0  # blocks below this one hold no trainable parameter
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -127,6 +135,7 @@ def edit(
 
     targets = select_targets(model, config.params.layers, config.params.modules)
     attached = attach(model, targets, config.params)
+    attached.first_layer = first_trainable_layer(targets)
     n_trainable = sum(p.numel() for p in attached.params.values())
     logger.info("trainable parameters: %s in %d modules (%s)", f"{n_trainable:,}", len(targets),
                 ", ".join(t.name for t in targets))
@@ -153,7 +162,7 @@ def _examples_for(examples: list[TrainingExample], request_ids: set[int]) -> lis
 
 def _train(attached: Attached, tok, examples, config: EditConfig, progress: bool) -> TrainResult:
     return train(attached.model, tok, examples, list(attached.params.values()), config.train, config.objective,
-                 after_step=attached.after_step, progress=progress)
+                 after_step=attached.after_step, progress=progress, prefix_layers=attached.first_layer)
 
 
 def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_single, progress):

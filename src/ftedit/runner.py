@@ -23,8 +23,9 @@ HEADLINE = ("efficacy", "generalization", "locality", "edit_score")
 
 
 def _check_out_dir(out: Path, model_spec: str) -> None:
-    base = Path(model_spec).expanduser()
-    if base.exists() and out.resolve() in (base.resolve(), *base.resolve().parents):
+    base = Path(model_spec).expanduser().resolve()
+    target = out.resolve()
+    if base.exists() and (target == base or base.is_relative_to(target) or target.is_relative_to(base)):
         raise ValueError(f"--out {out} would overwrite the base model at {base}; choose another directory")
 
 
@@ -46,6 +47,9 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
     cfg = resolve_config(recipe, config_file, overrides)
+    if (cfg.augment.n_random or cfg.augment.n_similar) and not (pool or cfg.augment.pool):
+        raise ValueError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
+                         "(e.g. the COUNTERFACT train split) or --set augment.n_random=0 augment.n_similar=0")
     loaded = load_requests(data, n=n, offset=offset, skip_invalid=skip_invalid)
     for issue in loaded.skipped:
         logger.warning("skipped: %s", issue)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.data.examples import TrainingExample
-from ftedit.forward import per_example_nll
+from ftedit.forward import PrefixActivations, per_example_nll
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TrainConfig:
     loss_threshold: float = 0.0  # early stop: breadth when an epoch's mean loss is below; depth per edit
     steps_per_edit: int = 25  # depth-first: maximum optimizer steps for each edit
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp16" or "no"
+    cache_activations: bool = True  # run the frozen blocks below the first trainable one once, not every step
     seed: int = 0
 
 
@@ -86,34 +87,57 @@ def encode_examples(tok, examples: Sequence[TrainingExample], objective: Objecti
     return encoded
 
 
-def _sequence_logps(model, pairs: list[EncodedPair], pad_id: int, device) -> torch.Tensor:
-    return per_example_nll(model, pad_right(pairs, pad_id).to(device))[1]
+class Scorer:
+    """Per-example NLL and summed log-prob of the chosen or rejected answers of some examples.
+
+    With ``prefix_layers = k > 0`` the hidden states entering block ``k`` are computed once
+    (:class:`~ftedit.forward.PrefixActivations`) and every later call runs only blocks ``k..``.
+    """
+
+    def __init__(self, model, encoded: list[EncodedExample], pad_id: int, prefix_layers: int = 0,
+                 batch_size: int = 32):
+        self.model, self.encoded, self.pad_id = model, encoded, pad_id
+        self.device = next(model.parameters()).device
+        self.rejected_idx = [i for i, e in enumerate(encoded) if e.rejected is not None]
+        self.rejected_pos = {i: j for j, i in enumerate(self.rejected_idx)}
+        self.caches: dict[str, PrefixActivations | None] = {"chosen": None, "rejected": None}
+        if prefix_layers > 0:
+            self.caches["chosen"] = PrefixActivations(model, prefix_layers, [e.chosen for e in encoded], pad_id,
+                                                      batch_size)
+            if self.rejected_idx:
+                self.caches["rejected"] = PrefixActivations(
+                    model, prefix_layers, [encoded[i].rejected for i in self.rejected_idx], pad_id, batch_size)
+
+    def __call__(self, idx: list[int], which: str = "chosen") -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [getattr(self.encoded[i], which) for i in idx]
+        cache = self.caches[which]
+        if cache is None:
+            return per_example_nll(self.model, pad_right(pairs, self.pad_id).to(self.device))
+        rows = idx if which == "chosen" else [self.rejected_pos[i] for i in idx]
+        return cache.nll(rows, pairs)
 
 
 @torch.no_grad()
-def reference_logps(model, examples: list[EncodedExample], pad_id: int, device, batch_size: int) -> dict[int, tuple]:
+def reference_logps(score: Scorer, batch_size: int) -> dict[int, tuple]:
     """Summed log-probs of chosen and rejected answers under the unedited model, for DPO."""
     out: dict[int, tuple] = {}
-    with_rejected = [i for i, e in enumerate(examples) if e.rejected is not None]
-    for start in range(0, len(with_rejected), batch_size):
-        idx = with_rejected[start:start + batch_size]
-        chosen = _sequence_logps(model, [examples[i].chosen for i in idx], pad_id, device)
-        rejected = _sequence_logps(model, [examples[i].rejected for i in idx], pad_id, device)
+    for start in range(0, len(score.rejected_idx), batch_size):
+        idx = score.rejected_idx[start:start + batch_size]
+        chosen, rejected = score(idx, "chosen")[1], score(idx, "rejected")[1]
         out.update({i: (c.item(), r.item()) for i, c, r in zip(idx, chosen, rejected, strict=True)})
     return out
 
 
-def batch_loss(model, examples: list[EncodedExample], idx: list[int], pad_id: int, device,
-               objective: ObjectiveConfig, ref: dict[int, tuple]) -> torch.Tensor:
+def batch_loss(score: Scorer, idx: list[int], objective: ObjectiveConfig, ref: dict[int, tuple]) -> torch.Tensor:
     """Mean per-example NLL of the chosen answers, plus the weighted DPO term where a rejected answer exists."""
-    nll, chosen_logp = per_example_nll(model, pad_right([examples[i].chosen for i in idx], pad_id).to(device))
+    nll, chosen_logp = score(idx, "chosen")
     loss = nll.mean()
-    dpo_idx = [k for k, i in enumerate(idx) if i in ref]
-    if objective.dpo_weight > 0 and dpo_idx:
-        rejected_logp = _sequence_logps(model, [examples[idx[k]].rejected for k in dpo_idx], pad_id, device)
-        ref_c = torch.tensor([ref[idx[k]][0] for k in dpo_idx], device=device)
-        ref_r = torch.tensor([ref[idx[k]][1] for k in dpo_idx], device=device)
-        margin = (chosen_logp[dpo_idx] - ref_c) - (rejected_logp - ref_r)
+    dpo = [k for k, i in enumerate(idx) if i in ref]
+    if objective.dpo_weight > 0 and dpo:
+        rejected_logp = score([idx[k] for k in dpo], "rejected")[1]
+        ref_c = torch.tensor([ref[idx[k]][0] for k in dpo], device=score.device)
+        ref_r = torch.tensor([ref[idx[k]][1] for k in dpo], device=score.device)
+        margin = (chosen_logp[dpo] - ref_c) - (rejected_logp - ref_r)
         loss = loss + objective.dpo_weight * -F.logsigmoid(objective.dpo_beta * margin).mean()
     return loss
 
@@ -168,26 +192,31 @@ class Stepper:
 
 def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Parameter], cfg: TrainConfig,
           objective: ObjectiveConfig, after_step: Callable[[], None] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Fine-tune ``params`` of ``model`` on ``examples``; everything else stays frozen."""
+          progress: bool = True, prefix_layers: int = 0) -> TrainResult:
+    """Fine-tune ``params`` of ``model`` on ``examples``; everything else stays frozen.
+
+    ``prefix_layers``: number of leading blocks that hold no trainable parameter; with
+    ``cfg.cache_activations`` they run once instead of at every step.
+    """
     if not examples:
         raise ValueError("no training examples")
     device = next(model.parameters()).device
-    pad_id = tok.pad_token_id
     encoded = encode_examples(tok, examples, objective)
     model.eval()  # editing is deterministic: no dropout
-    ref = reference_logps(model, encoded, pad_id, device, cfg.batch_size) if objective.dpo_weight > 0 else {}
+    start = time.perf_counter()
+    score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0, cfg.batch_size)
+    ref = reference_logps(score, cfg.batch_size) if objective.dpo_weight > 0 else {}
     run = _train_breadth if cfg.pipeline == "breadth" else _train_depth if cfg.pipeline == "depth" else None
     if run is None:
         raise ValueError(f"unknown pipeline {cfg.pipeline!r}; use 'breadth' or 'depth'")
-    start = time.perf_counter()
     with _autocast(cfg, device):
-        result = run(model, encoded, params, cfg, objective, ref, pad_id, device, after_step, progress)
+        result = run(score, params, cfg, objective, ref, after_step, progress)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _train_breadth(model, encoded, params, cfg, objective, ref, pad_id, device, after_step, progress):
+def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
+    encoded = score.encoded
     rng = random.Random(cfg.seed)
     n_batches = math.ceil(len(encoded) / cfg.batch_size)
     stepper = Stepper(params, cfg, cfg.epochs * n_batches, after_step)
@@ -199,7 +228,7 @@ def _train_breadth(model, encoded, params, cfg, objective, ref, pad_id, device, 
         losses = []
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            loss = batch_loss(model, encoded, idx, pad_id, device, objective, ref)
+            loss = batch_loss(score, idx, objective, ref)
             stepper.backward(loss, force_step=b == n_batches - 1)
             losses.append(loss.item())
             bar.update(1)
@@ -214,7 +243,8 @@ def _train_breadth(model, encoded, params, cfg, objective, ref, pad_id, device, 
     return result
 
 
-def _train_depth(model, encoded, params, cfg, objective, ref, pad_id, device, after_step, progress):
+def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
+    encoded = score.encoded
     groups: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(encoded):
         groups[e.group].append(i)
@@ -224,7 +254,7 @@ def _train_depth(model, encoded, params, cfg, objective, ref, pad_id, device, af
         for _ in range(cfg.steps_per_edit):
             losses = []
             for b in range(0, len(idx), cfg.batch_size):
-                loss = batch_loss(model, encoded, idx[b:b + cfg.batch_size], pad_id, device, objective, ref)
+                loss = batch_loss(score, idx[b:b + cfg.batch_size], objective, ref)
                 stepper.backward(loss, force_step=b + cfg.batch_size >= len(idx))
                 losses.append(loss.item())
             last = sum(losses) / len(losses)

@@ -1,9 +1,10 @@
 """Batched teacher-forced scoring of (prompt, target) pairs.
 
 Each pair is encoded with :func:`ftedit.tokenization.encode_pair` and scored in ONE forward pass over
-``prompt + target``. Pairs are de-duplicated, sorted by length (little padding), right-padded with
-:func:`ftedit.tokenization.pad_right`, and the LM head is applied only at the positions that predict a target
-token: the transformer body gives hidden states, and the output embedding (plus Gemma-style final logit
+``prompt + target`` (teacher forcing). Pairs are de-duplicated; pairs that share a prompt share a pass where
+causality makes that exact (one-token targets, see :func:`_carriers`); sequences are sorted by length (little
+padding), right-padded with :func:`ftedit.tokenization.pad_right`, and the LM head is applied only at the
+positions that predict a target token: the transformer body gives hidden states, and the output embedding (plus Gemma-style final logit
 soft-capping) turns just the gathered positions into logits. With a 262k vocabulary that head is most of the
 cost of a full forward, so skipping it elsewhere is where the speed comes from.
 
@@ -161,24 +162,52 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _score_batch(model, parts, batch: Sequence[EncodedPair], pad_token_id: int) -> list[PairScore]:
-    padded = pad_right(batch, pad_token_id).to(model_device(model))
-    rows, cols = (padded.labels != -100).nonzero(as_tuple=True)  # row-major: pair by pair, token by token
-    targets = padded.labels[rows, cols]
+@dataclass
+class _Carrier:
+    """One sequence to run, and the (position, token, pair, token index) predictions to read from it."""
+
+    ids: tuple[int, ...]
+    queries: list[tuple[int, int, int, int]]
+
+
+def _carriers(pairs: Sequence[EncodedPair]) -> list[_Carrier]:
+    """Sequences covering every pair's predictions, one per distinct prompt where possible.
+
+    A one-token target is predicted at the prompt's last position, which (causal attention) is the same with
+    or without any continuation: so every one-token target of a prompt is read from a single sequence -- that
+    of one of the prompt's longer targets, or the bare prompt. Longer targets get their own prompt + target.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for k, p in enumerate(pairs):
+        by_prompt.setdefault(p.input_ids[:p.target_start], []).append(k)
+    carriers = []
+    for prompt, members in by_prompt.items():
+        longer = [k for k in members if pairs[k].target_len > 1]
+        group = [_Carrier(pairs[k].input_ids, [(len(prompt) - 1 + i, t, k, i) for i, t in enumerate(pairs[k].target_ids)])
+                 for k in longer] or [_Carrier(prompt, [])]
+        group[0].queries += [(len(prompt) - 1, pairs[k].target_ids[0], k, 0) for k in members if pairs[k].target_len == 1]
+        carriers += group
+    return carriers
+
+
+def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, lp: torch.Tensor, am: torch.Tensor,
+               slot: dict[tuple[int, int], int]) -> None:
+    """Forward one batch of carriers; write target log-probs / argmax into the flat ``lp`` / ``am`` slots."""
+    padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id).to(model_device(model))
+    queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
+    device = padded.input_ids.device
+    rows = torch.tensor([q[0] for q in queries], device=device)
+    cols = torch.tensor([q[1] for q in queries], device=device)
+    targets = torch.tensor([q[2] for q in queries], device=device)
+    where = torch.tensor([slot[(q[3], q[4])] for q in queries])
     logprobs, argmax = [], []
-    for start, logits in zip(range(0, len(rows), HEAD_CHUNK),
-                             _position_logits(model, parts, padded.input_ids, padded.attention_mask, rows, cols - 1)):
+    for start, logits in zip(range(0, len(queries), HEAD_CHUNK),
+                             _position_logits(model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
         chunk_targets = targets[start:start + len(logits)]
         logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1))
         argmax.append(logits.argmax(dim=-1))
-    flat_lp = torch.cat(logprobs).double().cpu().tolist()
-    flat_am = torch.cat(argmax).cpu().tolist()
-    scores, offset = [], 0
-    for pair in batch:
-        n = pair.target_len
-        scores.append(PairScore(pair.target_ids, tuple(flat_lp[offset:offset + n]), tuple(flat_am[offset:offset + n])))
-        offset += n
-    return scores
+    lp[where] = torch.cat(logprobs).double().cpu()
+    am[where] = torch.cat(argmax).cpu()
 
 
 @torch.inference_mode()
@@ -198,13 +227,24 @@ def score_encoded(
             raise ValueError(f"pair {p.input_ids} has no target tokens to score")
         unique.setdefault(p, len(unique))
     distinct = list(unique)
+    slot, offset = {}, 0
+    for k, p in enumerate(distinct):
+        for i in range(p.target_len):
+            slot[(k, i)] = offset + i
+        offset += p.target_len
+    lp, am = torch.zeros(offset, dtype=torch.float64), torch.zeros(offset, dtype=torch.long)
     parts = lm_parts(model)
-    results: list[PairScore | None] = [None] * len(distinct)
-    batches = _length_batches([len(p.input_ids) for p in distinct], batch_size)
-    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        for i, score in zip(idx, _score_batch(model, parts, [distinct[i] for i in idx], pad_token_id)):
-            results[i] = score
-    return [results[unique[p]] for p in pairs]
+    carriers = _carriers(distinct)
+    for idx in tqdm(_length_batches([len(c.ids) for c in carriers], batch_size), desc=desc,
+                    disable=not progress, unit="batch"):
+        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, lp, am, slot)
+    flat_lp, flat_am = lp.tolist(), am.tolist()
+    scores = []
+    for k, p in enumerate(distinct):
+        first = slot[(k, 0)]
+        scores.append(PairScore(p.target_ids, tuple(flat_lp[first:first + p.target_len]),
+                                tuple(flat_am[first:first + p.target_len])))
+    return [scores[unique[p]] for p in pairs]
 
 
 def score_pairs(
