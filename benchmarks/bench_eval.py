@@ -67,7 +67,6 @@ def load(args):
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         import tiny
-
         from ftedit.models import prepare_tokenizer
 
         tok = prepare_tokenizer(tiny.metaspace_tokenizer())
@@ -85,8 +84,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is much faster when other jobs share the cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logger.info("torch threads: %d", torch.get_num_threads())
 
     model, tok = load(args)
     requests = load_requests(args.data, n=args.n).requests

@@ -4,11 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
-
 from ftedit.models import prepare_tokenizer  # noqa: E402
 
 
@@ -42,6 +42,18 @@ def data_dir():
     if not tiny.DATA.exists():
         pytest.skip(f"shared data not found at {tiny.DATA}")
     return tiny.DATA
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(request):
+    """Tiny models gain nothing from threads; on a shared 2-core machine OpenMP waits make them ~50x slower."""
+    if request.node.get_closest_marker("real_model") is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

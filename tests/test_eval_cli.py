@@ -7,7 +7,8 @@ import json
 import pytest
 
 from ftedit.evaluate import evaluate_requests
-from ftedit.evaluate.cli import eval_command, write_json_atomic
+from ftedit.evaluate.cli import eval_command
+from ftedit.outputs import write_json_atomic
 
 
 @pytest.fixture

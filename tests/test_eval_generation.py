@@ -85,12 +85,12 @@ def test_load_snippets_both_layouts(tmp_path):
     assert load_snippets(tmp_path / "b.json")["P103"]["Q150"] == ["t1", "t2"]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
 def test_batched_greedy_equals_plain_loop(family, llama_tok, gpt2_tok):
     import tiny
 
-    tok = llama_tok if family == "llama" else gpt2_tok
-    model = (tiny.tiny_llama if family == "llama" else tiny.tiny_gpt2)(tok)
+    tok = gpt2_tok if family == "gpt2" else llama_tok
+    model = {"llama": tiny.tiny_llama, "gpt2": tiny.tiny_gpt2, "gemma": tiny.tiny_gemma3}[family](tok)
     batched = generate_ids(model, tok, PROMPTS, 6, batch_size=3)
     assert batched == [plain_greedy(model, tok, p, 6) for p in PROMPTS]
     assert tok.padding_side == "right"  # left padding was only for generation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ftedit import forward
 from ftedit.evaluate import scoring
 from ftedit.evaluate.scoring import lm_parts, next_token_topk, score_pairs
 
@@ -122,13 +123,13 @@ def test_final_logit_softcapping(llama_tok):
 
 
 def test_falls_back_to_full_forward_when_split_is_wrong(llama_model, llama_tok, monkeypatch):
-    real = scoring._split_candidate
+    real = forward._split_candidate
 
     def wrong(model):
         parts = real(model)
-        return scoring._LMParts(parts.body, parts.head, 0.5)  # a cap the model does not have
+        return forward.LMParts(parts.body, parts.head, 0.5)  # a cap the model does not have
 
-    monkeypatch.setattr(scoring, "_split_candidate", wrong)
+    monkeypatch.setattr(forward, "_split_candidate", wrong)
     assert lm_parts(llama_model).body is None
     scores = score_pairs(llama_model, llama_tok, PAIRS)
     assert_matches_plain(llama_model, llama_tok, PAIRS, scores)
@@ -149,5 +150,6 @@ def test_next_token_topk(model_tok):
 def test_pair_without_target_tokens_rejected(llama_model, llama_tok):
     from ftedit.tokenization import EncodedPair
 
-    with pytest.raises(ValueError, match="no target tokens"):
-        scoring.score_encoded(llama_model, [EncodedPair((2, 5, 6), 3)], llama_tok.pad_token_id)
+    for pair in (EncodedPair((2, 5, 6), 3), EncodedPair((5, 6), 0)):
+        with pytest.raises(ValueError, match="needs a prompt token and a target token"):
+            scoring.score_encoded(llama_model, [pair], llama_tok.pad_token_id)

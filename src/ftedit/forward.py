@@ -7,30 +7,88 @@ only at the positions that predict target tokens is the single largest saving in
 from __future__ import annotations
 
 import contextlib
+import logging
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ftedit.tokenization import IGNORE_INDEX, PaddedBatch
 
-
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The transformer without its LM head (``model.model`` for Llama/Gemma, ``model.transformer`` for GPT-2)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None:
-        body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise TypeError(f"cannot find the decoder body of {type(model).__name__}")
-    return body
+logger = logging.getLogger(__name__)
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on selected hidden states, with the final logit soft-capping some models use (Gemma 2/3)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+@dataclass
+class LMParts:
+    body: torch.nn.Module | None  # None: use the full forward (the split did not verify)
+    head: torch.nn.Module | None
+    softcap: float | None
+
+
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _unwrap(model):
+    """The causal-LM module inside a PEFT wrapper (LoRA layers stay injected, so scores include them)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _softcap_of(model) -> float | None:
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap is None and hasattr(cfg, "get_text_config"):
+        cap = getattr(cfg.get_text_config(), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def apply_head(parts: LMParts, hidden: torch.Tensor) -> torch.Tensor:
+    logits = parts.head(hidden).float()
+    if parts.softcap is not None:
+        logits = torch.tanh(logits / parts.softcap) * parts.softcap
     return logits
+
+
+def body_hidden(parts: LMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _split_candidate(model) -> LMParts:
+    lm = _unwrap(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    body = getattr(lm, "base_model", None)
+    if head is None or body is None or body is lm:
+        return LMParts(None, None, None)
+    return LMParts(body, head, _softcap_of(lm))
+
+
+@torch.inference_mode()
+def _verify(model, parts: LMParts) -> bool:
+    ids = torch.tensor([[1, 5, 7, 11, 3, 2]], device=model_device(model)) % model.config.get_text_config().vocab_size
+    mask = torch.ones_like(ids)
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    split = apply_head(parts, body_hidden(parts, ids, mask))
+    scale = full.abs().max().clamp_min(1.0)
+    return bool(((full - split).abs().max() / scale) < 1e-3)
+
+
+def lm_parts(model) -> LMParts:
+    """Body/head split of a causal LM, verified once against the full forward and cached per model."""
+    parts = _PARTS.get(model)
+    if parts is None:
+        parts = _split_candidate(model)
+        if parts.body is not None and not _verify(model, parts):
+            logger.warning("%s: body + output embedding does not reproduce model(...).logits; "
+                           "scoring falls back to the full forward (slower)", type(model).__name__)
+            parts = LMParts(None, None, None)
+        _PARTS[model] = parts
+    return parts
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,10 +99,14 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def target_token_logprobs(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of every labelled token, flattened, and the row each belongs to."""
-    hidden = decoder_body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     rows, pos, tokens = label_positions(batch.labels)
-    logits = head_logits(model, hidden[rows, pos]).float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    parts = lm_parts(model)
+    if parts.body is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[rows, pos].float()
+    else:
+        logits = apply_head(parts, body_hidden(parts, batch.input_ids, batch.attention_mask)[rows, pos])
+    # fused log-softmax + gather: its backward does not materialize a second [positions, vocab] tensor
+    logp = -torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
     return logp, rows
 
 
@@ -88,6 +150,7 @@ class PrefixActivations:
         self.model, self.k, self.pad_token_id = model, k, pad_token_id
         _, self.blocks = find_blocks(model)
         self.storage_dtype = storage_dtype
+        lm_parts(model)  # verify the body/head split now, while the real blocks are in place
         self.hidden: list[torch.Tensor] = []
         self.as_tuple = False
         self._capture(pairs, batch_size)
@@ -113,7 +176,7 @@ class PrefixActivations:
                 chunk = pairs[start:start + batch_size]
                 batch = pad_right(chunk, self.pad_token_id).to(device)
                 with contextlib.suppress(_StopForward):  # the suffix is not needed for capturing
-                    decoder_body(self.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 h = captured.pop("h")
                 dtype = self.storage_dtype or h.dtype
                 self.hidden += [h[i, :len(p.input_ids)].to(dtype) for i, p in enumerate(chunk)]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +15,7 @@ import typer
 from ftedit.evaluate import EvalResult, compare, evaluate_requests
 from ftedit.evaluate.generation import GenerationOptions, load_snippets, tfidf_vectorizer
 from ftedit.evaluate.perplexity import load_texts, perplexity
+from ftedit.outputs import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -25,29 +23,6 @@ HEADLINE = ("efficacy", "generalization", "locality", "edit_score", "efficacy_ma
             "generalization_magnitude", "locality_magnitude", "efficacy_acc", "generalization_acc",
             "locality_acc", "efficacy_exact", "generalization_exact", "locality_exact", "fluency",
             "consistency", "perplexity")
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file in the same directory, then ``os.replace`` it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 def _target_ids(data: str) -> dict[Any, str]:
@@ -101,15 +76,13 @@ def print_table(result: EvalResult, base: EvalResult | None, deltas: dict | None
     if base is not None:
         table.add_column("base", justify="right")
         table.add_column("delta", justify="right")
-    for key in HEADLINE:
-        if key not in result.summary:
-            continue
+    rows = [k for k in HEADLINE if k in result.summary]
+    counts = [k for k in result.summary if k.startswith("n_")]
+    for key in rows + counts:
         row = [key, _fmt(result.summary[key])]
         if base is not None:
             row += [_fmt(base.summary.get(key)), _fmt(deltas.get(key, {}).get("delta"))]
-        table.add_row(*row)
-    counts = {k: v for k, v in result.summary.items() if k.startswith("n_")}
-    table.caption = ", ".join(f"{k}={v}" for k, v in counts.items())
+        table.add_row(*row, end_section=key == rows[-1])
     Console().print(table)
 
 
@@ -169,7 +142,7 @@ def eval_command(
     if base_model:
         base_identity, base_result = _evaluate_spec(base_model, loaded.requests, cfg)
         deltas = compare(base_result, result)
-    print_table(result, base_result, deltas, f"{model} on {data} ({len(loaded.requests)} records)")
+    print_table(result, base_result, deltas, f"{model} on {Path(data).name} ({len(loaded.requests)} records)")
     payload = {
         "config": {"model": model, "data": data, "n": n, "offset": offset, "seed": seed, "protocol": protocol,
                    "batch_size": batch_size, "base_model": base_model, "details": details, "fluency": fluency,

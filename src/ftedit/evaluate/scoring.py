@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ftedit.forward import LMParts, apply_head, body_hidden, lm_parts, model_device
 from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
 
 logger = logging.getLogger(__name__)
@@ -71,79 +71,7 @@ class NextToken:
     prob: float
 
 
-@dataclass
-class _LMParts:
-    body: torch.nn.Module | None  # None: use the full forward (the split did not verify)
-    head: torch.nn.Module | None
-    softcap: float | None
-
-
-_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _unwrap(model):
-    """The causal-LM module inside a PEFT wrapper (LoRA layers stay injected, so scores include them)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _softcap_of(model) -> float | None:
-    cfg = model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap is None and hasattr(cfg, "get_text_config"):
-        cap = getattr(cfg.get_text_config(), "final_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def _apply_head(parts: _LMParts, hidden: torch.Tensor) -> torch.Tensor:
-    logits = parts.head(hidden).float()
-    if parts.softcap is not None:
-        logits = torch.tanh(logits / parts.softcap) * parts.softcap
-    return logits
-
-
-def _body_hidden(parts: _LMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _split_candidate(model) -> _LMParts:
-    lm = _unwrap(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    body = getattr(lm, "base_model", None)
-    if head is None or body is None or body is lm:
-        return _LMParts(None, None, None)
-    return _LMParts(body, head, _softcap_of(lm))
-
-
-@torch.inference_mode()
-def _verify(model, parts: _LMParts) -> bool:
-    ids = torch.tensor([[1, 5, 7, 11, 3, 2]], device=model_device(model)) % model.config.get_text_config().vocab_size
-    mask = torch.ones_like(ids)
-    full = model(input_ids=ids, attention_mask=mask).logits.float()
-    split = _apply_head(parts, _body_hidden(parts, ids, mask))
-    scale = full.abs().max().clamp_min(1.0)
-    return bool(((full - split).abs().max() / scale) < 1e-3)
-
-
-def lm_parts(model) -> _LMParts:
-    """Body/head split of a causal LM, verified once against the full forward and cached per model."""
-    parts = _PARTS.get(model)
-    if parts is None:
-        parts = _split_candidate(model)
-        if parts.body is not None and not _verify(model, parts):
-            logger.warning("%s: body + output embedding does not reproduce model(...).logits; "
-                           "scoring falls back to the full forward (slower)", type(model).__name__)
-            parts = _LMParts(None, None, None)
-        _PARTS[model] = parts
-    return parts
-
-
-def _position_logits(model, parts: _LMParts, input_ids, attention_mask, rows, cols) -> Iterator[torch.Tensor]:
+def _position_logits(model, parts: LMParts, input_ids, attention_mask, rows, cols) -> Iterator[torch.Tensor]:
     """Float32 logits at positions ``(rows[i], cols[i])``, yielded in chunks of at most HEAD_CHUNK."""
     if parts.body is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -151,9 +79,9 @@ def _position_logits(model, parts: _LMParts, input_ids, attention_mask, rows, co
         for start in range(0, len(rows), HEAD_CHUNK):
             yield selected[start:start + HEAD_CHUNK].float()
         return
-    hidden = _body_hidden(parts, input_ids, attention_mask)[rows, cols]
+    hidden = body_hidden(parts, input_ids, attention_mask)[rows, cols]
     for start in range(0, len(rows), HEAD_CHUNK):
-        yield _apply_head(parts, hidden[start:start + HEAD_CHUNK])
+        yield apply_head(parts, hidden[start:start + HEAD_CHUNK])
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -182,24 +110,25 @@ def _carriers(pairs: Sequence[EncodedPair]) -> list[_Carrier]:
         by_prompt.setdefault(p.input_ids[:p.target_start], []).append(k)
     carriers = []
     for prompt, members in by_prompt.items():
-        longer = [k for k in members if pairs[k].target_len > 1]
-        group = [_Carrier(pairs[k].input_ids, [(len(prompt) - 1 + i, t, k, i) for i, t in enumerate(pairs[k].target_ids)])
-                 for k in longer] or [_Carrier(prompt, [])]
-        group[0].queries += [(len(prompt) - 1, pairs[k].target_ids[0], k, 0) for k in members if pairs[k].target_len == 1]
+        last = len(prompt) - 1  # the position that predicts a target's first token
+        group = [_Carrier(pairs[k].input_ids, [(last + i, t, k, i) for i, t in enumerate(pairs[k].target_ids)])
+                 for k in members if pairs[k].target_len > 1] or [_Carrier(prompt, [])]
+        group[0].queries += [(last, pairs[k].target_ids[0], k, 0) for k in members if pairs[k].target_len == 1]
         carriers += group
     return carriers
 
 
 def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, lp: torch.Tensor, am: torch.Tensor,
-               slot: dict[tuple[int, int], int]) -> None:
-    """Forward one batch of carriers; write target log-probs / argmax into the flat ``lp`` / ``am`` slots."""
+               starts: Sequence[int]) -> None:
+    """Forward one batch of carriers; write target log-probs / argmax into the flat ``lp`` / ``am`` tensors
+    (pair ``k``'s token ``i`` lives at ``starts[k] + i``)."""
     padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id).to(model_device(model))
     queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
     device = padded.input_ids.device
     rows = torch.tensor([q[0] for q in queries], device=device)
     cols = torch.tensor([q[1] for q in queries], device=device)
     targets = torch.tensor([q[2] for q in queries], device=device)
-    where = torch.tensor([slot[(q[3], q[4])] for q in queries])
+    where = torch.tensor([starts[q[3]] + q[4] for q in queries])
     logprobs, argmax = [], []
     for start, logits in zip(range(0, len(queries), HEAD_CHUNK),
                              _position_logits(model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
@@ -220,30 +149,30 @@ def score_encoded(
     progress: bool = False,
     desc: str = "scoring",
 ) -> list[PairScore]:
-    """Score encoded pairs (each needs at least one target token); results in input order."""
+    """Score encoded pairs; results in input order. ``batch_size``: sequences per forward pass.
+
+    Every pair needs a non-empty prompt (the first target token must be predicted from something) and at least
+    one target token. The model's train/eval mode is left as it is: callers evaluate in eval mode.
+    """
     unique: dict[EncodedPair, int] = {}
     for p in pairs:
-        if p.target_len < 1:
-            raise ValueError(f"pair {p.input_ids} has no target tokens to score")
+        if p.target_len < 1 or p.target_start < 1:
+            raise ValueError(f"pair {p.input_ids} (target from {p.target_start}) needs a prompt token and a "
+                             "target token")
         unique.setdefault(p, len(unique))
     distinct = list(unique)
-    slot, offset = {}, 0
-    for k, p in enumerate(distinct):
-        for i in range(p.target_len):
-            slot[(k, i)] = offset + i
-        offset += p.target_len
-    lp, am = torch.zeros(offset, dtype=torch.float64), torch.zeros(offset, dtype=torch.long)
+    starts = [0]
+    for p in distinct:
+        starts.append(starts[-1] + p.target_len)
+    lp, am = torch.zeros(starts[-1], dtype=torch.float64), torch.zeros(starts[-1], dtype=torch.long)
     parts = lm_parts(model)
     carriers = _carriers(distinct)
     for idx in tqdm(_length_batches([len(c.ids) for c in carriers], batch_size), desc=desc,
                     disable=not progress, unit="batch"):
-        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, lp, am, slot)
+        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, lp, am, starts)
     flat_lp, flat_am = lp.tolist(), am.tolist()
-    scores = []
-    for k, p in enumerate(distinct):
-        first = slot[(k, 0)]
-        scores.append(PairScore(p.target_ids, tuple(flat_lp[first:first + p.target_len]),
-                                tuple(flat_am[first:first + p.target_len])))
+    scores = [PairScore(p.target_ids, tuple(flat_lp[a:b]), tuple(flat_am[a:b]))
+              for p, a, b in zip(distinct, starts, starts[1:])]
     return [scores[unique[p]] for p in pairs]
 
 
