@@ -160,3 +160,24 @@ def test_manifest_and_saved_model_round_trip(tmp_path, llama_model, llama_tok):
 
 def test_tiny_module_is_importable():
     assert tiny.FIXTURES.exists()
+
+
+def test_lora_adapter_saves_and_reloads_with_peft(tmp_path, llama_model, llama_tok):
+    from peft import PeftModel
+
+    from ftedit.models import identity_of
+    from ftedit.outputs import build_manifest, save_edit
+
+    base = copy.deepcopy(llama_model)
+    pair = encode_examples(llama_tok, [TrainingExample(REQUESTS[0].prompt, REQUESTS[0].target_new)],
+                           ObjectiveConfig())[0].chosen
+    batch = pad_right([pair], llama_tok.pad_token_id)
+    cfg = _config(params={"method": "lora", "lora_r": 4, "modules": "down"}, train={"epochs": 5})
+    result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False)
+    expected = per_example_nll(result.model, batch)[0]
+    assert not torch.allclose(expected, per_example_nll(base, batch)[0])
+    manifest = build_manifest(result, REQUESTS, identity_of(base).to_dict())
+    out = save_edit(tmp_path / "lora", result, llama_tok, manifest, save="adapter")
+    assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model").exists()
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    torch.testing.assert_close(per_example_nll(reloaded, batch)[0], expected)

@@ -88,25 +88,3 @@ def test_cli_recipes_lists_all(data_dir):
     assert result.exit_code == 0
     for name in ("ft", "ft-m", "locft-bf", "ft-mask-para-rand", "ft-mask-para-sim"):
         assert name in result.output
-
-
-@pytest.mark.real_model
-def test_demo_model_loads_from_the_bundled_gguf_and_knows_facts():
-    from ftedit.evaluate import next_token_topk
-
-    model, tok, identity = load_model("demo", device="cpu")
-    assert identity.source == "bundled" and identity.model_class == "Gemma3ForCausalLM"
-    assert identity.fingerprint.startswith("a5fd3b62")
-    [top] = next_token_topk(model, tok, ["The mother tongue of Danielle Darrieux is"], k=1)
-    assert top[0].token.strip() == "French"
-
-
-@pytest.mark.real_model
-def test_demo_end_to_end_edits_gemma():
-    from rich.console import Console
-
-    from ftedit.demo import run_demo
-
-    out = run_demo(console=Console(width=200))
-    assert out["post"]["efficacy"] == 100.0 and out["pre"]["efficacy"] < 50
-    assert out["post"]["generalization"] > out["pre"]["generalization"]

@@ -18,7 +18,7 @@ from ftedit.models import load_model
 
 #: Recipe and CPU-sized augmentation for the demo (the recipe's own counts are the paper's, for GPUs).
 DEMO_RECIPE = "ft-mask-para-rand"
-DEMO_OVERRIDES = {"augment": {"n_paraphrases": 4, "n_random": 6, "paraphrase_bank": 16}}
+DEMO_OVERRIDES = {"augment": {"n_paraphrases": 5, "n_random": 20}}
 
 
 def resource(name: str) -> Path:
@@ -64,17 +64,20 @@ def show_top_predictions(console: Console, model, tok, requests: list[EditReques
 
 
 def show_before_after(console: Console, requests, before, after) -> None:
-    table = Table(title="Before -> after the edit (P = probability of the whole answer)")
-    for col in ("edit", "prompt", "top-1 before", "top-1 after", "P(new) before -> after", "P(true) before -> after"):
+    table = Table(title="Before -> after the edit (P = probability of the whole answer)", show_lines=False)
+    for col in ("prompt", "top-1 next token", "P(new answer)", "P(true answer)"):
         table.add_column(col)
     for i, r in enumerate(requests):
+        table.add_row(f"[bold]{r.subject}: {r.target_true} -> {r.target_new}[/bold]", "", "", "")
         for kind, prompt in probe_rows(r):
             b, a = before[(i, kind)], after[(i, kind)]
-            style = "green" if kind != "unrelated" else "cyan"
-            table.add_row(f"{r.target_true} -> {r.target_new}" if kind == "edit" else f"  ({kind})",
-                          f"[{style}]{prompt}[/{style}]", repr(b[0].strip()), repr(a[0].strip()),
-                          f"{b[1]:.3f} -> {a[1]:.3f}", f"{b[2]:.3f} -> {a[2]:.3f}")
+            style = "cyan" if kind == "unrelated" else "green"
+            table.add_row(f"[{style}]{kind}[/{style}] {prompt}", f"{b[0].strip()!r} -> {a[0].strip()!r}",
+                          f"{b[1]:.2f} -> {a[1]:.2f}", f"{b[2]:.2f} -> {a[2]:.2f}")
+        table.add_section()
     console.print(table)
+    console.print("[green]edit[/green] and [green]paraphrase[/green] rows should move to the new answer; "
+                  "[cyan]unrelated[/cyan] rows (other subjects, same relation) should keep the true one.")
 
 
 def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Console | None = None) -> dict:

