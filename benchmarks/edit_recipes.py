@@ -1,7 +1,7 @@
 """Run several editing recipes on the same model and edits; print ES/PS/NS, edit score and wall time.
 
-    python benchmarks/edit_recipes.py --n 100 --recipes ft ft-m locft-bf ft-mask-para-rand \
-        --set augment.n_paraphrases=5 --set augment.n_random=5 --out runs/recipes.json
+    python benchmarks/edit_recipes.py --n 100 --recipes ft ft-m locft-bf locft-df=locft-bf ft-mask-para-rand \
+        --recipe-set locft-df:train.pipeline=depth --set augment.n_paraphrases=5 --out runs/recipes.json
 
 Each recipe starts from the same unedited weights (the edit is undone with ``EditResult.restore()``).
 """
@@ -32,27 +32,32 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA / "counterfact-edit.json"))
     ap.add_argument("--pool", default=str(DATA / "counterfact-train.json"))
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--recipes", nargs="+", default=["ft", "ft-m", "locft-bf", "ft-mask-para-rand"])
+    ap.add_argument("--offset", type=int, default=0, help="first record (e.g. 100 for a held-out slice)")
+    ap.add_argument("--recipes", nargs="+", default=["ft", "ft-m", "locft-bf", "ft-mask-para-rand"],
+                    help="recipe names, or LABEL=RECIPE to run a recipe again under another label")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="override applied to every recipe (augment.* only matters where the recipe augments)")
-    ap.add_argument("--recipe-set", action="append", default=[], help="RECIPE:key=value, one recipe only")
+    ap.add_argument("--recipe-set", action="append", default=[], help="LABEL:key=value, one recipe only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, tok, identity = load_model(args.model)
-    requests = load_requests(args.data, n=args.n).requests
+    requests = load_requests(args.data, n=args.n, offset=args.offset).requests
     pool = load_pool_facts(args.pool)
     pre = evaluate_requests(model, tok, requests, progress=False).summary
     rows = [{"recipe": "unedited", **{k: pre[k] for k in KEYS}, "seconds": 0.0}]
-    for name in args.recipes:
+    for spec in args.recipes:
+        name, _, recipe = spec.partition("=")  # "label=recipe" runs a recipe under another label
+        recipe = recipe or name
         own = [s.split(":", 1)[1] for s in args.recipe_set if s.split(":", 1)[0] == name]
-        cfg = resolve_config(name, overrides=_applicable(name, args.overrides) + own)
+        cfg = resolve_config(recipe, overrides=_applicable(recipe, args.overrides) + own)
         torch.manual_seed(cfg.train.seed)
         start = time.perf_counter()
         result = edit(model, tok, requests, cfg, pool=pool, progress=False, model_fingerprint=identity.fingerprint)
         seconds = time.perf_counter() - start
-        post = evaluate_requests(result.model, tok, requests, progress=False).summary
+        post = _single_mean(result.single_edit_metrics) if cfg.mode == "single" else \
+            evaluate_requests(result.model, tok, requests, progress=False).summary
         rows.append({"recipe": name, **{k: post[k] for k in KEYS}, "seconds": seconds,
                      "examples": result.examples_by_kind, "config": cfg.to_dict()})
         print(_line(rows[-1]), flush=True)
@@ -70,6 +75,13 @@ def _applicable(recipe: str, overrides: list[str]) -> list[str]:
     base = resolve_config(recipe)
     augments = base.augment.n_paraphrases or base.augment.n_random or base.augment.n_similar
     return [o for o in overrides if augments or not o.startswith("augment.")]
+
+
+def _single_mean(metrics: list[dict]) -> dict:
+    """Single editing: each edit was measured alone on a fresh model; average those records (ROME's protocol)."""
+    out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("efficacy", "generalization", "locality")}
+    out["edit_score"] = 3 / sum(1 / max(out[k], 1e-9) for k in ("efficacy", "generalization", "locality"))
+    return out
 
 
 def _line(r: dict) -> str:
