@@ -50,3 +50,19 @@ def check_policy(missing: str) -> None:
 
 def is_finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def summarize(protocol: str, records: Sequence[dict], kinds: Sequence[str], names: dict[str, str],
+              fields: dict[str, str]) -> dict:
+    """Average each kind's per-record values over the records that have that kind, x100, plus counts and the
+    harmonic-mean edit score. ``fields`` maps a summary-key suffix to the per-record value it averages."""
+    out: dict = {"protocol": protocol, "n_records": len(records)}
+    for kind in kinds:
+        present = [r[kind] for r in records if r[kind] is not None]
+        name = names[kind]
+        for suffix, key in fields.items():
+            out[name + suffix] = percent(mean([m[key] for m in present]))
+        out[f"n_records_{name}"] = len(present)
+        out[f"n_{kind}_prompts"] = sum(len(m["prompts"]) for m in present)
+    out["edit_score"] = harmonic_mean([out["efficacy"], out["generalization"], out["locality"]])
+    return out

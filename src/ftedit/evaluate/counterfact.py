@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftedit.data.requests import EditRequest
-from ftedit.evaluate.common import EvaluationError, check_policy, describe, harmonic_mean, mean, percent
+from ftedit.evaluate.common import (
+    EvaluationError,
+    check_policy,
+    describe,
+    mean,
+    summarize,
+)
 from ftedit.evaluate.scoring import PairScore, score_pairs
 
 KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -98,17 +104,7 @@ def _record(req: EditRequest, slots: dict[str, list[tuple[str, int]]], scores: l
 
 
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"protocol": "counterfact", "n_records": len(records)}
-    for kind in KINDS:
-        present = [r[kind] for r in records if r[kind] is not None]
-        name = METRIC[kind]
-        out[name] = percent(mean([m["success"] for m in present]))
-        out[f"{name}_magnitude"] = percent(mean([m["magnitude"] for m in present]))
-        out[f"{name}_acc"] = percent(mean([m["acc"] for m in present]))
-        out[f"n_records_{name}"] = len(present)
-        out[f"n_{kind}_prompts"] = sum(len(m["prompts"]) for m in present)
-    out["edit_score"] = harmonic_mean([out["efficacy"], out["generalization"], out["locality"]])
-    return out
+    return summarize("counterfact", records, KINDS, METRIC, {"": "success", "_magnitude": "magnitude", "_acc": "acc"})
 
 
 def evaluate_counterfact(

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftedit.data.requests import EditRequest
-from ftedit.evaluate.common import EvaluationError, check_policy, describe, harmonic_mean, mean, percent
+from ftedit.evaluate.common import (
+    EvaluationError,
+    check_policy,
+    describe,
+    mean,
+    summarize,
+)
 from ftedit.evaluate.scoring import PairScore, score_pairs
 
 KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -65,16 +71,7 @@ def _kind_metrics(scored: list[tuple[tuple[str, str], PairScore]]) -> dict[str, 
 
 
 def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"protocol": "zsre", "n_records": len(records)}
-    for kind in KINDS:
-        present = [r[kind] for r in records if r[kind] is not None]
-        name = METRIC[kind]
-        out[name] = percent(mean([m["accuracy"] for m in present]))
-        out[f"{name}_exact"] = percent(mean([m["exact"] for m in present]))
-        out[f"n_records_{name}"] = len(present)
-        out[f"n_{kind}_prompts"] = sum(len(m["prompts"]) for m in present)
-    out["edit_score"] = harmonic_mean([out["efficacy"], out["generalization"], out["locality"]])
-    return out
+    return summarize("zsre", records, KINDS, METRIC, {"": "accuracy", "_exact": "exact"})
 
 
 def evaluate_zsre(
