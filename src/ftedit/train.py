@@ -50,7 +50,7 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # 0 disables clipping
     loss_threshold: float = 0.0  # early stop: breadth when an epoch's mean loss is below; depth per edit
     steps_per_edit: int = 25  # depth-first: maximum optimizer steps for each edit
-    mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp16" or "no"
+    mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16" or "no"
     cache_activations: bool = True  # run the frozen blocks below the first trainable one once, not every step
     seed: int = 0
 
@@ -158,7 +158,9 @@ def _autocast(cfg: TrainConfig, device: torch.device):
         mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if mode == "no":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+    if mode != "bf16":
+        raise ValueError(f"mixed_precision={mode!r}: use 'auto', 'bf16' or 'no' (fp16 would need loss scaling)")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Stepper:
