@@ -181,3 +181,41 @@ def test_lora_adapter_saves_and_reloads_with_peft(tmp_path, llama_model, llama_t
     assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model").exists()
     reloaded = PeftModel.from_pretrained(base, out / "adapter")
     torch.testing.assert_close(per_example_nll(reloaded, batch)[0], expected)
+
+
+def test_gradient_accumulation_equals_one_large_batch(llama_model, llama_tok):
+    examples = [TrainingExample(r.prompt, t, request_index=i)
+                for i, r in enumerate(REQUESTS) for t in (r.target_new, r.target_true)][:4]
+    weights = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = copy.deepcopy(llama_model)
+        param = model.model.layers[2].mlp.down_proj.weight
+        cfg = TrainConfig(epochs=1, batch_size=batch_size, grad_accum=accum, lr=0.5, optimizer="sgd", seed=3)
+        result = train(model, llama_tok, examples, [param], cfg, ObjectiveConfig(), progress=False)
+        assert result.steps == 1
+        weights.append(param.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_depth_first_takes_steps_per_edit_optimizer_steps_even_with_several_examples(llama_model, llama_tok):
+    examples = [TrainingExample(r.prompt, r.target_new, request_index=i) for i, r in enumerate(REQUESTS)]
+    examples += [TrainingExample(p, r.target_new, "paraphrase", i)
+                 for i, r in enumerate(REQUESTS) for p in r.paraphrase_prompts]
+    param = llama_model.model.layers[2].mlp.down_proj.weight
+    cfg = TrainConfig(pipeline="depth", steps_per_edit=4, batch_size=1)
+    result = train(llama_model, llama_tok, examples, [param], cfg, ObjectiveConfig(), progress=False)
+    assert result.steps == 4 * len(REQUESTS)
+
+
+def test_a_failing_edit_leaves_the_model_as_it_was(llama_model, llama_tok):
+    original = copy.deepcopy(llama_model.state_dict())
+
+    def boom(model, tok, reqs):
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        edit(llama_model, llama_tok, REQUESTS, _config(mode="single", params={"method": "lora"}),
+             evaluate_single=boom, progress=False)
+    assert type(llama_model).__name__ == "LlamaForCausalLM" and not hasattr(llama_model, "peft_config")
+    assert all(torch.equal(v, original[k]) for k, v in llama_model.state_dict().items())
+    assert not any(p.requires_grad for p in llama_model.parameters())

@@ -23,7 +23,7 @@ MODES = ("mass", "single", "sequential")
 
 @dataclass
 class ParamConfig:
-    layers: str = "-3:"  # "15", "15,16", "-3:" (last three), "4:8", "all", or "frac:0.66" (that depth)
+    layers: str = "-3:"  # "15", "15,16" or a list, "-3:" (last three), "4:8", "all", "frac:0.66"; quote slices in YAML
     modules: str = "down"  # roles up/gate/down/q/k/v/o/qkv, groups mlp/attn, or block; comma-separated
     method: str = "full"  # "full": update the selected weights; "lora": train LoRA adapters on them (peft)
     lora_r: int = 8
@@ -106,6 +106,8 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: expected a {type(current).__name__}, got {value!r}") from e
     if isinstance(current, str):
+        if isinstance(value, list | tuple):  # params.layers: [15, 16] in a YAML/TOML file
+            return ",".join(str(v) for v in value)
         return str(value)
     if isinstance(value, str) and (current is None or isinstance(current, tuple | list)):
         value = yaml.safe_load(value)  # "--set augment.paraphrase_bank=16" or "...prefix_seeds=[The, A]"

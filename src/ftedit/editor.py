@@ -26,6 +26,7 @@ from ftedit.params import (
     Target,
     first_trainable_layer,
     freeze_all_but,
+    is_linear,
     select_targets,
     trainable_parameters,
 )
@@ -70,7 +71,7 @@ def _attach_lora(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> A
     names = []
     for t in targets:
         if t.role == "block":
-            names += [f"{t.name}.{n}" for n, m in t.module.named_modules() if isinstance(m, nn.Linear) and n]
+            names += [f"{t.name}.{n}" for n, m in t.module.named_modules() if n and is_linear(m)]
         else:
             names.append(t.name)
     lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -92,20 +93,28 @@ class EditResult:
     seconds: dict[str, float]
     single_edit_metrics: list[dict[str, Any]] = field(default_factory=list)
     _attached: Attached | None = None
+    _merged: bool = False
 
     def merged_model(self) -> nn.Module:
-        """A plain transformers model with the edit folded in (merges LoRA adapters)."""
-        return self.model.merge_and_unload() if self._attached and self._attached.lora else self.model
+        """A plain transformers model with the edit folded in. Merging LoRA adapters is final: no restore()."""
+        if self._attached and self._attached.lora and not self._merged:
+            self.model = self.model.merge_and_unload()
+            self._merged = True
+        return self.model
 
     def restore(self) -> nn.Module:
         """Undo the edit and return the original model."""
-        if self._attached is None:
-            return self.model
-        self._attached.reset()
-        base = self.model.unload() if self._attached.lora else self.model
-        for p in base.parameters():
-            p.requires_grad_(False)
-        return base
+        if self._merged:
+            raise RuntimeError("the LoRA edit was merged into the weights (merged_model()); it cannot be undone")
+        return _detach(self._attached) if self._attached else self.model
+
+
+def _detach(attached: Attached) -> nn.Module:
+    attached.reset()
+    base = attached.model.unload() if attached.lora else attached.model
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
 
 
 def edit(
@@ -141,7 +150,11 @@ def edit(
                 ", ".join(t.name for t in targets))
 
     t1 = time.perf_counter()
-    runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress)
+    try:
+        runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress)
+    except BaseException:
+        _detach(attached)  # a failed edit leaves the caller's model as it was
+        raise
     timings["train"] = time.perf_counter() - t1
     return EditResult(
         model=attached.model,
@@ -181,7 +194,9 @@ def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_si
             return evaluate_requests(model, tok, reqs, progress=False).summary
     runs, metrics = [], []
     for i, request in enumerate(requests):
-        runs.append(_train(attached, tok, _examples_for(examples, {i}), config, progress=False))
-        metrics.append({"request_index": i, **evaluate_single(attached.model, tok, [request])})
-        attached.reset()
+        try:
+            runs.append(_train(attached, tok, _examples_for(examples, {i}), config, progress=False))
+            metrics.append({"request_index": i, **evaluate_single(attached.model, tok, [request])})
+        finally:
+            attached.reset()
     return runs, metrics

@@ -51,7 +51,7 @@ class Target:
     module: nn.Module
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, nn.Linear | Conv1D)
@@ -83,7 +83,7 @@ def block_roles(block: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Map each role present in one block to ``(relative name, module)``."""
     roles: dict[str, tuple[str, nn.Module]] = {}
     for rel, module in block.named_modules():
-        if not rel or not _is_linear(module):
+        if not rel or not is_linear(module):
             continue
         parts = rel.split(".")
         leaf, parents = parts[-1], parts[:-1]

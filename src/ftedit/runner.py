@@ -47,6 +47,10 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
     cfg = resolve_config(recipe, config_file, overrides)
+    if cfg.mode == "single" and save != "none":
+        logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
+                       "writing the manifest and per-edit metrics only")
+        save = "none"
     if (cfg.augment.n_random or cfg.augment.n_similar) and not (pool or cfg.augment.pool):
         raise ValueError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
                          "(e.g. the COUNTERFACT train split) or --set augment.n_random=0 augment.n_similar=0")

@@ -66,6 +66,8 @@ class EncodedPair:
 
 def encode_pair(tok, prompt: str, target: str, append_eos: bool = False) -> EncodedPair:
     prompt_ids = encode_prompt(tok, prompt)
+    if not prompt_ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens: the first target token would have no context")
     return EncodedPair(tuple(prompt_ids + encode_target(tok, target, append_eos)), len(prompt_ids))
 
 

@@ -41,7 +41,7 @@ class TrainConfig:
     pipeline: str = "breadth"  # "breadth": epochs over shuffled mini-batches; "depth": one edit at a time
     epochs: int = 25  # breadth-first: passes over all examples
     batch_size: int = 32  # examples per optimizer micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # breadth-first: micro-batches per optimizer step (depth-first accumulates a whole edit)
     lr: float = 5e-4
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # "adamw", "adam" or "sgd"
@@ -164,32 +164,39 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 class Stepper:
-    """Optimizer, schedule, accumulation, clipping and the FT-L constraint behind one ``backward`` call."""
+    """Optimizer, schedule, clipping and the FT-L constraint: one ``step()`` per optimizer update."""
 
-    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, total_micro_steps: int,
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, total_steps: int,
                  after_step: Callable[[], None] | None = None):
         from transformers import get_scheduler
 
         self.params, self.cfg, self.after_step = params, cfg, after_step
         self.opt = make_optimizer(params, cfg)
-        total = max(1, math.ceil(total_micro_steps / cfg.grad_accum))
+        total = max(1, total_steps)
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                                    num_training_steps=total)
-        self.micro = 0
         self.steps = 0
 
-    def backward(self, loss: torch.Tensor, force_step: bool = False) -> None:
-        (loss / self.cfg.grad_accum).backward()
-        self.micro += 1
-        if self.micro % self.cfg.grad_accum == 0 or force_step:
-            if self.cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.steps += 1
-            if self.after_step:
-                self.after_step()
+    def accumulate(self, score: Scorer, micro_batches: list[list[int]], objective, ref) -> float:
+        """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once."""
+        total = 0.0
+        for idx in micro_batches:
+            loss = batch_loss(score, idx, objective, ref)
+            (loss / len(micro_batches)).backward()
+            total += loss.item()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.after_step:
+            self.after_step()
+        return total / len(micro_batches)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Parameter], cfg: TrainConfig,
@@ -205,36 +212,34 @@ def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Param
     device = next(model.parameters()).device
     encoded = encode_examples(tok, examples, objective)
     model.eval()  # editing is deterministic: no dropout
-    start = time.perf_counter()
-    score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0, cfg.batch_size)
-    ref = reference_logps(score, cfg.batch_size) if objective.dpo_weight > 0 else {}
     run = _train_breadth if cfg.pipeline == "breadth" else _train_depth if cfg.pipeline == "depth" else None
     if run is None:
         raise ValueError(f"unknown pipeline {cfg.pipeline!r}; use 'breadth' or 'depth'")
-    with _autocast(cfg, device):
+    start = time.perf_counter()
+    with _autocast(cfg, device):  # cache and DPO reference in the same precision as training
+        score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0,
+                       cfg.batch_size)
+        ref = reference_logps(score, cfg.batch_size) if objective.dpo_weight > 0 else {}
         result = run(score, params, cfg, objective, ref, after_step, progress)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
-    encoded = score.encoded
     rng = random.Random(cfg.seed)
-    n_batches = math.ceil(len(encoded) / cfg.batch_size)
-    stepper = Stepper(params, cfg, cfg.epochs * n_batches, after_step)
+    n = len(score.encoded)
+    steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+    stepper = Stepper(params, cfg, cfg.epochs * steps_per_epoch, after_step)
     result = TrainResult()
-    bar = tqdm(total=cfg.epochs * n_batches, desc="edit (breadth-first)", unit="batch", disable=not progress)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="edit (breadth-first)", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
-        order = list(range(len(encoded)))
+        order = list(range(n))
         rng.shuffle(order)
         losses = []
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            loss = batch_loss(score, idx, objective, ref)
-            stepper.backward(loss, force_step=b == n_batches - 1)
-            losses.append(loss.item())
+        for group in _chunks(_chunks(order, cfg.batch_size), cfg.grad_accum):
+            losses.append(stepper.accumulate(score, group, objective, ref))
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
         result.loss_history.append(sum(losses) / len(losses))
         result.epochs_run = epoch + 1
         if result.loss_history[-1] < cfg.loss_threshold:
@@ -246,20 +251,15 @@ def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, afte
 
 
 def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
-    encoded = score.encoded
+    """Each edit (with its own augmentation) for up to ``steps_per_edit`` optimizer steps, one edit after another."""
     groups: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(encoded):
+    for i, e in enumerate(score.encoded):
         groups[e.group].append(i)
-    stepper = Stepper(params, cfg, len(groups) * cfg.steps_per_edit * max(1, cfg.grad_accum), after_step)
+    stepper = Stepper(params, cfg, len(groups) * cfg.steps_per_edit, after_step)
     result = TrainResult(epochs_run=1)
     for _, idx in tqdm(sorted(groups.items()), desc="edit (depth-first)", unit="edit", disable=not progress):
         for _ in range(cfg.steps_per_edit):
-            losses = []
-            for b in range(0, len(idx), cfg.batch_size):
-                loss = batch_loss(score, idx[b:b + cfg.batch_size], objective, ref)
-                stepper.backward(loss, force_step=b + cfg.batch_size >= len(idx))
-                losses.append(loss.item())
-            last = sum(losses) / len(losses)
+            last = stepper.accumulate(score, _chunks(idx, cfg.batch_size), objective, ref)
             if last < cfg.loss_threshold:
                 break
         result.loss_history.append(last)
