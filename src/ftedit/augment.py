@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ftedit.atomic import write_bytes_atomic
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
 from ftedit.models import cache_dir
@@ -385,19 +385,6 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pool_embeddings(prompts: Sequence[str], config: AugmentConfig, progress: bool = False) -> np.ndarray:
     """Embeddings of pool prompts, memoized in process and (with ``config.cache``) on disk."""
     key = _sha({"model": config.embedding_model, "texts": list(prompts)})[:32]
@@ -411,7 +398,7 @@ def pool_embeddings(prompts: Sequence[str], config: AugmentConfig, progress: boo
         if config.cache:
             buf = io.BytesIO()
             np.save(buf, emb)
-            _write_atomic(path, buf.getvalue())
+            write_bytes_atomic(path, buf.getvalue())
     _EMBEDDING_MEMO[key] = emb
     return emb
 
@@ -503,7 +490,7 @@ def _read_cache(path: Path) -> list[TrainingExample] | None:
 
 def _write_cache(path: Path, examples: Sequence[TrainingExample]) -> None:
     text = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
-    _write_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _resolve_pool(pool: Sequence[PoolFact] | None, config: AugmentConfig) -> list[PoolFact] | None:

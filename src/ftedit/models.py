@@ -18,14 +18,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from platformdirs import user_cache_dir
+
+from ftedit.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     if (target / "config.json").exists() and (target / "ftedit_source.json").exists():
         return target, digest
     logger.info("dequantizing %s once into %s (later loads read the cache)", gguf_path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, overwrite=True) as tmp:  # a half-written cache is never seen as complete
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -146,12 +144,6 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "ftedit_source.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic: a half-written cache is never seen as complete
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target, digest
 
 

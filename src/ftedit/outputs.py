@@ -2,62 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ftedit import __version__
+from ftedit.atomic import atomic_directory, write_json_atomic
 from ftedit.config import save_config
 from ftedit.data.requests import EditRequest
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return str(obj)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temp file beside ``path``, fsync, and rename it over ``path``: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False):
-    """Yield a temp directory beside ``target``; on success it replaces ``target`` in one rename."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def request_hash(request: EditRequest) -> str:

@@ -1,0 +1,57 @@
+"""Atomic writes: readers never see half a file or half a directory, and an interrupted run leaves none."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write to a temp file beside ``path``, fsync, and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False):
+    """Yield a temp directory beside ``target``; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
