@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -49,8 +50,6 @@ def snapshot(model, tok, requests: list[EditRequest]) -> dict[tuple[int, str], t
 
 
 def _prob(score) -> float:
-    import math
-
     return math.exp(sum(score.logprobs))
 
 
