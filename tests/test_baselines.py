@@ -282,3 +282,24 @@ def test_ft_l_keeps_weights_within_the_norm_bound(gpt2_model, gpt2_tok):
         assert 0 < diff <= 1e-3 + 1e-7
     applied.restore()
     assert "ft-l" in BASELINES and method_names().count("ft-l") == 1
+
+
+def test_cli_edit_with_a_baseline_writes_model_and_manifest(tmp_path, llama_model, llama_tok, corpus, data_dir):
+    from typer.testing import CliRunner
+
+    from ftedit.cli import app
+
+    base = tmp_path / "tiny-llama"
+    llama_model.save_pretrained(base)
+    llama_tok.save_pretrained(base)
+    out = tmp_path / "edited"
+    args = ["edit", "--model", str(base), "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+            "--n", "2", "--recipe", "rome", "--set", f"stats.corpus={corpus}", "--set", "stats.n_samples=4",
+            "--set", "value.steps=3", "--set", "value.context_lengths=[3]", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == "rome" and manifest["config"]["value"]["steps"] == 3
+    assert manifest["touched"]["modules"][0]["role"] == "down" and len(manifest["edits"]) == 2
+    assert set(manifest["evaluation"]["post"]) >= {"efficacy", "edit_score"}
+    assert (out / "model" / "model.safetensors").exists() and (out / "config.yaml").exists()
