@@ -303,3 +303,18 @@ def test_cli_edit_with_a_baseline_writes_model_and_manifest(tmp_path, llama_mode
     assert manifest["touched"]["modules"][0]["role"] == "down" and len(manifest["edits"]) == 2
     assert set(manifest["evaluation"]["post"]) >= {"efficacy", "edit_score"}
     assert (out / "model" / "model.safetensors").exists() and (out / "config.yaml").exists()
+
+
+def test_hyperparameters_from_file_and_overrides_with_clear_errors(tmp_path):
+    from ftedit.baselines.common import resolve_hparams, resolve_layers
+    from ftedit.baselines.memit import MEMITHyperParams
+    from ftedit.config import ConfigError
+
+    path = tmp_path / "memit.yaml"
+    path.write_text("mom2_update_weight: 100\nvalue: {steps: 7}\n")
+    hp = resolve_hparams(MEMITHyperParams, path, ["stats.n_samples=50"])
+    assert (hp.mom2_update_weight, hp.value.steps, hp.stats.n_samples) == (100.0, 7, 50)
+    with pytest.raises(ConfigError, match="value.stepz"):
+        resolve_hparams(MEMITHyperParams, None, ["value.stepz=3"])
+    assert resolve_layers("frac:0.15:0.4", 18) == [3, 4, 5, 6, 7]
+    assert resolve_layers("frac:0.3", 18) == [5]
