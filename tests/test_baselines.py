@@ -318,3 +318,19 @@ def test_hyperparameters_from_file_and_overrides_with_clear_errors(tmp_path):
         resolve_hparams(MEMITHyperParams, None, ["value.stepz=3"])
     assert resolve_layers("frac:0.15:0.4", 18) == [3, 4, 5, 6, 7]
     assert resolve_layers("frac:0.3", 18) == [5]
+
+
+def test_hf_corpus_is_streamed_by_name_and_config(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "one"}, {"text": ""}, {"text": "two"}, {"text": "three"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = StatsConfig(corpus="hf:wikitext@wikitext-103-raw-v1", n_samples=2)
+    assert list(stats_mod.corpus_texts(cfg)) == ["one", "two"]
+    assert calls == [("wikitext", "wikitext-103-raw-v1", "train", True)]
+    assert "wikitext" in stats_mod.corpus_id(cfg)
