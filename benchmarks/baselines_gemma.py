@@ -1,7 +1,12 @@
 """ROME, MEMIT and AlphaEdit on the demo model (gemma-3-270m): ES/PS/NS, edit score and wall time.
 
     flock /tmp/ftedit-cpu.lock env PYTHONPATH=$PWD/src .venv/bin/python benchmarks/baselines_gemma.py \
-        --n 20 --methods rome memit alphaedit --out runs/baselines_gemma.json
+        --n 20 --out runs/baselines_gemma.json
+
+Methods run with their default hyperparameters, plus ``memit-scaled``: MEMIT with λ scaled to the key
+dimension. MEMIT's λ = 15000 was set for GPT-J's 16384-dimensional keys; a key's weight against λ·C grows
+with the dimension (kᵀC⁻¹k ≈ d_in for a typical key), so the same λ on gemma-3-270m's 2048-dimensional keys
+writes a much smaller share of each residual. ``memit-scaled`` uses λ = 15000 · d_in / 16384.
 
 Every method starts from the unedited weights (``AppliedEdit.restore()``). The key statistics are collected
 once per layer (first run) and read from the cache afterwards; their collection time is reported separately.
@@ -49,9 +54,10 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--data", default=str(DATA / "counterfact-edit.json"))
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit"])
+    ap.add_argument("--methods", nargs="+", default=["rome", "memit", "memit-scaled=memit", "alphaedit"],
+                    help="method names, or LABEL=METHOD to run a method again under another label")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="METHOD:key=value, e.g. alphaedit:nullspace_threshold=1e-3")
+                    help="LABEL:key=value, e.g. alphaedit:nullspace_threshold=1e-3")
     ap.add_argument("--stats-samples", type=int, default=StatsConfig.n_samples)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -70,25 +76,43 @@ def main() -> None:
     pre = evaluate_requests(model, tok, requests, progress=False).summary
     rows = [{"method": "unedited", **{k: pre[k] for k in KEYS}, "edit_seconds": 0.0,
              "eval_seconds": time.perf_counter() - start}]
-    for method in args.methods:
-        overrides = [f"stats.n_samples={args.stats_samples}"] + \
-            [s.split(":", 1)[1] for s in args.overrides if s.split(":", 1)[0] == method]
-        applied = apply_method(method, model, tok, requests, overrides=overrides, progress=False,
-                               model_fingerprint=identity.fingerprint)
+    d_in = down_proj(model, 0).module.weight.numel() // model.config.get_text_config().hidden_size
+    scaled = {"memit-scaled": [f"mom2_update_weight={15000 * d_in / 16384:g}"]}
+    for spec in args.methods:
+        label, _, method = spec.partition("=")
+        method = method or label
+        overrides = [f"stats.n_samples={args.stats_samples}"] + scaled.get(label, []) + \
+            [s.split(":", 1)[1] for s in args.overrides if s.split(":", 1)[0] == label]
+        try:
+            rows.append(_run(model, tok, requests, label, method, overrides, identity.fingerprint))
+        except Exception as e:  # one failing method must not lose the others' results
+            logger.exception("%s failed", label)
+            rows.append({"method": label, "error": repr(e), "overrides": overrides})
+        report["rows"] = rows
+        if args.out:
+            write_json_atomic(args.out, report)
+    print(f"\n{'method':<13} {'ES':>6} {'PS':>6} {'NS':>6} {'score':>6} {'edit s':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<13} failed: {r['error']}")
+            continue
+        print(f"{r['method']:<13} {r['efficacy']:6.1f} {r['generalization']:6.1f} {r['locality']:6.1f} "
+              f"{r['edit_score']:6.1f} {r['edit_seconds']:7.0f}")
+
+
+def _run(model, tok, requests, label: str, method: str, overrides: list[str], fingerprint: str) -> dict:
+    applied = apply_method(method, model, tok, requests, overrides=overrides, progress=False,
+                           model_fingerprint=fingerprint)
+    try:
         start = time.perf_counter()
         post = evaluate_requests(model, tok, requests, progress=False).summary
-        rows.append({"method": method, **{k: post[k] for k in KEYS}, "edit_seconds": applied.seconds,
-                     "eval_seconds": time.perf_counter() - start, "layers": [t["layer"] for t in applied.touched],
-                     "overrides": overrides, "details": _details(applied.details)})
-        logger.info("%s: %s", method, {k: round(rows[-1][k], 1) for k in (*KEYS, "edit_seconds")})
+    finally:
         applied.restore()
-    report["rows"] = rows
-    print(f"\n{'method':<10} {'ES':>6} {'PS':>6} {'NS':>6} {'score':>6} {'edit s':>7}")
-    for r in rows:
-        print(f"{r['method']:<10} {r['efficacy']:6.1f} {r['generalization']:6.1f} {r['locality']:6.1f} "
-              f"{r['edit_score']:6.1f} {r['edit_seconds']:7.0f}")
-    if args.out:
-        write_json_atomic(args.out, report)
+    row = {"method": label, **{k: post[k] for k in KEYS}, "edit_seconds": applied.seconds,
+           "eval_seconds": time.perf_counter() - start, "layers": [t["layer"] for t in applied.touched],
+           "overrides": overrides, "details": _details(applied.details)}
+    logger.info("%s: %s", label, {k: round(row[k], 1) for k in (*KEYS, "edit_seconds")})
+    return row
 
 
 def _details(details) -> dict:
