@@ -85,6 +85,7 @@ def target_values(model, tok, requests: Sequence[EditRequest], prefixes: Sequenc
         delta, initial, info = ValueProblem(model, tok, request, prefixes, Site("block", z_layer)).solve(cfg)
         zs.append(initial + delta)
         log.append(info)
+        logger.info("target value %d/%d: %s", len(log), len(requests), info)
     return torch.stack(zs), log
 
 

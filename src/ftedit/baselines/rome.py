@@ -92,6 +92,7 @@ def apply_rome_to_model(model: nn.Module, tok, requests: Sequence[EditRequest], 
             add_update(target.module, rank_one_update(weight, key, value, cov))
             log.append(info)
             deltas.append(delta)
+            logger.info("ROME edit %d/%d: %s", len(log), len(requests), info)
     except BaseException:
         snapshot.restore()  # a failed edit leaves the caller's model as it was
         raise
