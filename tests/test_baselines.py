@@ -146,11 +146,14 @@ def test_residual_to_down_inverts_the_post_mlp_norm(gemma_model):
         post.weight.normal_()  # a non-trivial norm scale
     g = torch.Generator().manual_seed(4)
     current = torch.randn(3, post.weight.shape[0], generator=g)
+    change = 0.3 * torch.randn(current.shape, generator=g)
     with torch.no_grad():
-        residual = post(current + 0.3 * torch.randn(current.shape, generator=g)) - post(current)
+        residual = post(current + change) - post(current)
     x = residual_to_down(post, current, residual)
     with torch.no_grad():
         torch.testing.assert_close(post(current + x) - post(current), residual, atol=1e-3, rtol=1e-3)
+    # the norm ignores scale: the smallest such change is no larger than the one that made the residual
+    assert (x.norm(dim=-1) <= change.norm(dim=-1) * 1.01).all()
     assert residual_to_down(None, current, residual) is residual
 
 

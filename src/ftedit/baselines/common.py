@@ -438,7 +438,8 @@ def residual_to_down(post: nn.Module | None, current: torch.Tensor, residual: to
     """The change of the down projection's output (``[n, d]``) that moves the block's output by ``residual``.
 
     Identity when the output is summed into the residual directly; otherwise a least-squares solve of
-    ``post(current + x) = post(current) + residual`` (L-BFGS, a few milliseconds).
+    ``post(current + x) = post(current) + residual`` (L-BFGS, a few milliseconds), then the smallest change
+    with the same effect (:func:`_least_change`).
     """
     if post is None:
         return residual
@@ -456,7 +457,24 @@ def residual_to_down(post: nn.Module | None, current: torch.Tensor, residual: to
 
     with _frozen(post):
         opt.step(closure)
-    return x.detach()
+    return _least_change(post, current, x.detach(), dtype)
+
+
+@torch.no_grad()
+def _least_change(post: nn.Module, current: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rescale ``current + x`` to the multiple closest to ``current`` where ``post`` cannot tell the difference.
+
+    A norm ignores its input's scale, and gradient steps on a scale-invariant loss only ever grow that scale,
+    so the solve can return a needlessly huge ``x``; MEMIT would then have to write it. Rows where rescaling
+    changes ``post``'s output (no norm, or a sign flip) keep ``x``.
+    """
+    v = current + x
+    scale = (v * current).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-30)
+    candidate = v * scale
+    with _frozen(post):
+        before, after = post(v.to(dtype)).float(), post(candidate.to(dtype)).float()
+    same = (after - before).norm(dim=-1) <= 1e-4 * before.norm(dim=-1).clamp_min(1e-12)
+    return torch.where(same[:, None] & (scale > 0), candidate - current, x)
 
 
 # ------------------------------------------------------------------------------------------ result
