@@ -30,13 +30,14 @@ logger = logging.getLogger(__name__)
 
 
 def _alphaedit_value() -> ValueConfig:
-    # AlphaEdit's Llama3-8B setting: 25 steps at lr 0.1, weight decay 0.5, norm clamp 0.75, KL factor 0.0625.
-    return ValueConfig(steps=25, lr=0.1, weight_decay=0.5, clamp_norm_factor=0.75)
+    # AlphaEdit's GPT-2 XL setting: 20 steps at lr 0.5, weight decay 0.5, norm clamp 0.75, KL factor 0.0625.
+    return ValueConfig(steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=0.75)
 
 
 @dataclass
 class AlphaEditHyperParams:
-    """AlphaEdit's hyperparameters (defaults: the paper's Llama3-8B configuration; band as in MEMIT)."""
+    """AlphaEdit's hyperparameters (defaults: the paper's GPT-2 XL configuration, the smallest model it
+    reports; its Llama3-8B setting differs only in value.steps=25, value.lr=0.1; band as in MEMIT)."""
 
     layers: str = "frac:0.15:0.4"  # edited down projections, as MEMITHyperParams.layers
     nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the preserved keys' null space

@@ -296,8 +296,10 @@ class ValueProblem:
     the blocks from the site up and the LM head at the positions the loss needs.
     """
 
-    def __init__(self, model, tok, request: EditRequest, prefixes: Sequence[str], site: Site):
-        self.model, self.site = model, site
+    def __init__(self, model, tok, request: EditRequest, prefixes: Sequence[str], site: Site,
+                 reference_norm: float | None = None):
+        # the norm that weight decay and the clamp are relative to (default: the site's initial value's)
+        self.model, self.site, self.reference_norm = model, site, reference_norm
         self.rewrite = rewrite_probes(tok, request, prefixes, request.target_new)
         self.essence = essence_probe(tok, request.subject)
         probes = self.rewrite + [self.essence]
@@ -373,7 +375,8 @@ class ValueProblem:
                 counts = torch.zeros(n_rewrite, device=logp.device).index_add(0, rows, torch.ones_like(logp))
                 nll = -(per_row / counts).mean()
                 kl = cfg.kl_factor * F.kl_div(essence, kl_init, log_target=True, reduction="batchmean")
-                decay = cfg.weight_decay * delta.norm() / self.initial.norm() ** 2
+                reference = self.reference_norm or self.initial.norm()
+                decay = cfg.weight_decay * delta.norm() / reference ** 2
                 loss = nll + kl + decay
                 info = {"steps": step + 1, "loss": loss.item(), "nll": nll.item(), "kl": kl.item()}
                 if loss.item() < cfg.loss_break or step == cfg.steps - 1:
@@ -381,7 +384,7 @@ class ValueProblem:
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    limit = cfg.clamp_norm_factor * self.initial.norm()
+                    limit = cfg.clamp_norm_factor * reference
                     if delta.norm() > limit:
                         delta.mul_(limit / delta.norm())
         return delta.detach(), self.initial, info

@@ -2,7 +2,7 @@
 of MLP down projections.
 
 1. For each request, ``z`` = the residual stream leaving the band's last block at the subject's last token,
-   plus an optimized ``δ`` (the same objective as ROME's v*).
+   plus an optimized ``δ`` (the same objective as ROME's v*), applied as a change of that block's MLP output.
 2. For each layer ``l`` of the band, lowest first: keys ``K`` (the down projection's input at the subject's
    last token, averaged over prefixes, recomputed after the lower layers changed), residuals
    ``R = (z − current z) / (layers left)``, and the batched least-squares update
@@ -79,14 +79,32 @@ def band_targets(model: nn.Module, layers_spec: str) -> list[Target]:
 
 def target_values(model, tok, requests: Sequence[EditRequest], prefixes: Sequence[str], z_layer: int,
                   cfg: ValueConfig, progress: bool) -> tuple[torch.Tensor, list[dict]]:
-    """MEMIT's z for every request, ``[n, d_model]``."""
+    """MEMIT's z for every request, ``[n, d_model]``: the residual stream leaving block ``z_layer``, moved by
+    the optimized change of that block's MLP output.
+
+    Where the block adds its MLP output to the residual stream as is (GPT-2, Llama) this is MEMIT's residual
+    delta exactly; where it normalizes it first (Gemma), z stays within what the MLP can contribute.
+    Weight decay and the norm clamp are relative to the residual stream's norm, as in MEMIT.
+    """
+    _, blocks = find_blocks(model)
+    post = post_mlp_module(model, z_layer)
     zs, log = [], []
     for request in tqdm(requests, desc="target values", disable=not progress):
-        delta, initial, info = ValueProblem(model, tok, request, prefixes, Site("block", z_layer)).solve(cfg)
-        zs.append(initial + delta)
+        residual = activations_at(model, tok, rewrite_probes(tok, request, [""], None), blocks[z_layer], "output")[0]
+        problem = ValueProblem(model, tok, request, prefixes, Site("down", z_layer), residual.norm().item())
+        delta, initial, info = problem.solve(cfg)
+        zs.append(residual + _mlp_contribution(post, initial + delta) - _mlp_contribution(post, initial))
         log.append(info)
         logger.info("target value %d/%d: %s", len(log), len(requests), info)
     return torch.stack(zs), log
+
+
+@torch.no_grad()
+def _mlp_contribution(post: nn.Module | None, down_output: torch.Tensor) -> torch.Tensor:
+    if post is None:
+        return down_output
+    dtype = next(post.parameters()).dtype if any(True for _ in post.parameters()) else down_output.dtype
+    return post(down_output.to(dtype)).float()
 
 
 def spread_over_layers(model, tok, requests: Sequence[EditRequest], prefixes: Sequence[str],
