@@ -55,7 +55,8 @@ def edit_command(
     data: Annotated[str, typer.Option(help="Edit requests: COUNTERFACT/ZsRE JSON, JSONL/CSV or hf:NAME.")],
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
     model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
-    recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`).")] = "ft-mask-para-rand",
+    recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
+                                              "alphaedit.")] = "ft-mask-para-rand",
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
     pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation.")] = None,

@@ -20,7 +20,12 @@ from ftedit.data.requests import EditRequest
 
 # Baseline name -> "module:function". Each function has the signature of ``apply_method`` below (minus the
 # name) and returns an ``AppliedEdit``. Imported lazily: the baselines pull in statistics code nobody else needs.
-BASELINES: dict[str, str] = {}
+BASELINES: dict[str, str] = {
+    "rome": "ftedit.baselines.rome:apply_rome",
+    "memit": "ftedit.baselines.memit:apply_memit",
+    "alphaedit": "ftedit.baselines.alphaedit:apply_alphaedit",
+    "ft-l": "ftedit.baselines.ft:apply_ft_l",  # also the recipe ft-l; listed here as a baseline
+}
 
 
 @dataclass
@@ -38,7 +43,7 @@ class AppliedEdit:
 
 
 def method_names() -> list[str]:
-    return recipe_names() + sorted(BASELINES)
+    return list(dict.fromkeys(recipe_names() + sorted(BASELINES)))
 
 
 def apply_method(

@@ -42,6 +42,16 @@ def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
 
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
              evaluate, overwrite, device, dtype, progress, console: Console) -> dict:
+    from ftedit.config import recipe_names
+    from ftedit.methods import BASELINES
+
+    if recipe in BASELINES and recipe not in recipe_names():  # rome, memit, alphaedit: no recipe config
+        from ftedit.baselines.run import run_baseline_edit
+
+        return run_baseline_edit(data=data, out=out, model=model, recipe=recipe, config_file=config_file,
+                                 overrides=overrides, pool=pool, n=n, offset=offset, skip_invalid=skip_invalid,
+                                 save=save, evaluate=evaluate, overwrite=overwrite, device=device, dtype=dtype,
+                                 progress=progress, console=console)
     out = Path(out)
     _check_out_dir(out, model)
     if out.exists() and not overwrite:
