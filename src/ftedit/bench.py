@@ -495,6 +495,21 @@ def render_markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def print_summary(console, payload: dict[str, Any], out: Path) -> None:
+    """The headline columns as a rich table (the full table is in OUT/table.md)."""
+    from rich.table import Table
+
+    table = Table(title=f"ftedit bench: {payload['config']['model']}, {payload['config']['n_requests']} edits")
+    columns = ("label", "method", "status", *METRICS, "edit_s", "eval_s", "peak_rss_mb")
+    headers = ("label", "method", "status", "ES", "PS", "NS", "score", "edit s", "eval s", "peak MB")
+    for c, h in zip(columns, headers, strict=True):
+        table.add_column(h, justify="left" if c in ("label", "method", "status") else "right")
+    for r in table_rows(payload):
+        table.add_row(*(_cell(r[c]) for c in columns))
+    console.print(table)
+    console.print(f"wrote {out}/table.md, table.csv, results.json, plot.png")
+
+
 def render_csv(payload: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)

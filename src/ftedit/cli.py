@@ -104,7 +104,7 @@ def bench_command(
 
     Finished entries are kept in OUT/results and reused on a rerun with the same configuration.
     """
-    from ftedit.bench import BenchError, BenchSettings, render_markdown, resolve_entries, run_bench
+    from ftedit.bench import BenchError, BenchSettings, print_summary, resolve_entries, run_bench
 
     if not data:
         raise typer.BadParameter("--data is required")
@@ -118,7 +118,7 @@ def bench_command(
         payload = run_bench(settings, chosen, isolate=isolate)
     except BenchError as e:
         raise typer.BadParameter(str(e)) from e
-    console.print(render_markdown(payload))
+    print_summary(console, payload, out)
     if any(r["status"] == "failed" for r in payload["rows"]):
         raise typer.Exit(1)
 
