@@ -202,3 +202,14 @@ def test_isolated_entries_run_in_their_own_process_with_their_own_peak_memory(se
     assert rows["a"]["touched"] and rows["a"]["metrics"]["efficacy"] is not None
     table = bench.table_rows(payload)
     assert all(r["peak_rss_mb"] for r in table)
+
+
+def test_generation_metrics_are_optional_and_part_of_the_key(settings):
+    entries = resolve_entries(["a=locft-bf:train.epochs=1"], [])
+    plain = {p.entry.label: p.hash for p in plan(settings, entries, {"spec": settings.model})}
+    settings.generation = {"max_out_len": 12, "top_k": 5, "seed": 0, "batch_size": 4}
+    with_fluency = {p.entry.label: p.hash for p in plan(settings, entries, {"spec": settings.model})}
+    assert plain.keys() == with_fluency.keys() and not set(plain.values()) & set(with_fluency.values())
+    settings.n = 2
+    rows = _rows(run_bench(settings, entries, isolate=False))
+    assert all("fluency" in r["metrics"] for r in rows.values())
