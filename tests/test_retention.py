@@ -311,3 +311,17 @@ def test_report_writer_from_a_result(tmp_path):
     assert "| lm | none | 0 | threshold | 5 | 3.000 -> 2.000 | 100.0 -> 0.0 | 100.0 -> 0.0 -> 0.0 | 0 / 1 / 0 |" in text
     assert "Rome (0.900)" in text
     assert json.loads(paths["result.json"].read_text())["plots"] == {"lm": "retention_lm.png"}
+
+
+def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, tmp_path):
+    from ftedit.retention.cli import parse_tasks
+
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(TEXTS * 3))
+    (cfg,) = parse_tasks([f"lm={path}"], ["lm=rel:0.5"], {"n_val": 2})
+    task = build_task(cfg, gpt2_tok, MentionFilter([]))
+    base = task.validate(gpt2_model)
+    task.resolve_threshold(gpt2_model)
+    assert task.config.threshold == pytest.approx(0.5 * base) and task.info["base_validation"] == pytest.approx(base)
+    with pytest.raises(ValueError, match="rel:FACTOR"):
+        parse_tasks([f"lm={path}"], ["lm=low"], {})

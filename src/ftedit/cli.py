@@ -95,7 +95,7 @@ def retention_command(
         help="Freezing strategy: none | below:K | window:LAYERS | edits. Repeatable.")] = None,
     protocol: Annotated[str, typer.Option(help="mass (all edits, one run) or single (each edit alone).")] = "mass",
     threshold: Annotated[list[str] | None, typer.Option(help="Stopping threshold KIND=VALUE (loss: below, "
-                                                             "accuracy: above).")] = None,
+        "accuracy: above) or KIND=rel:F (F x the base model's validation metric).")] = None,
     max_steps: Annotated[int, typer.Option(help="Step cap of every downstream run.")] = 30,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 5,
     probe_every: Annotated[int, typer.Option(help="Measure retention every N steps.")] = 10,

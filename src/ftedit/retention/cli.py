@@ -34,11 +34,22 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any]) -> list[TaskConfig]:
     """``--task lm=FILE --threshold lm=3.0`` -> TaskConfigs (shared n_train, n_val, max_length, seed)."""
     sources = _pairs(tasks, "--task")
-    limits = {k: float(v) for k, v in _pairs(thresholds, "--threshold").items()}
+    if len(sources) != len(tasks):
+        raise ValueError("--task: each task kind may be given once")
+    limits = _pairs(thresholds, "--threshold")
     unknown = set(limits) - set(sources)
     if unknown:
         raise ValueError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
-    return [TaskConfig(kind, source, threshold=limits.get(kind), **common) for kind, source in sources.items()]
+    configs = []
+    for kind, source in sources.items():
+        text = limits.get(kind)
+        relative = bool(text and text.startswith("rel:"))
+        try:
+            value = float(text[4:] if relative else text) if text else None
+        except ValueError as e:
+            raise ValueError(f"--threshold {kind}={text}: expected a number or rel:FACTOR") from e
+        configs.append(TaskConfig(kind, source, threshold=value, relative=relative, **common))
+    return configs
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

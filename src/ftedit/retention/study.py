@@ -104,8 +104,9 @@ def prepare(cfg: StudyConfig, base_model: nn.Module, tok, requests: Sequence[Edi
     exclude = {p.prompt for p in probes}
     tasks = [build_task(t, tok, mention, base_model=base_model, exclude_prompts=exclude) for t in cfg.tasks]
     for t in tasks:
-        logger.info("task %s: %d train / %d val, %d records removed by the edit filter",
-                    t.config.kind, len(t.train_items), len(t.val_items), t.removed)
+        t.resolve_threshold(base_model)
+        logger.info("task %s: %d train / %d val, %d records removed by the edit filter; stop at %s %s %s",
+                    t.config.kind, len(t.train_items), len(t.val_items), t.removed, *t.summary_stop())
     base = measure(base_model, tok, probes, "base", -1)
     info = {"intrinsic_selection": selection, "filter_terms": len(mention.terms)}
     return Prepared(list(requests), probes, tasks, base, related_objects(probes, pool), info)

@@ -49,6 +49,9 @@ class TaskConfig:
     kind: str  # one of TASK_KINDS
     source: str  # local .jsonl/.json/.csv/.txt file, or hf:NAME
     threshold: float | None = None  # stopping threshold on the task's metric (None: train to max_steps)
+    # True: ``threshold`` is a factor of the BASE model's validation metric (resolved once per study, before
+    # editing, so every edit method and strategy still shares one absolute value)
+    relative: bool = False
     n_train: int = 2000  # training records kept after filtering (the facts task: unknown facts to learn)
     n_val: int = 64  # validation records
     max_length: int = 64  # tokens per sequence (longer texts are truncated)
@@ -131,6 +134,22 @@ class DownstreamTask:
     def fresh_head(self, model: nn.Module) -> nn.Module | None:
         """A new extra module for a new run (None when the task has none)."""
         return None
+
+    def resolve_threshold(self, base_model: nn.Module) -> None:
+        """Turn a relative threshold into an absolute one from the base model's validation metric."""
+        if not self.config.relative or self.config.threshold is None:
+            return
+        self.fresh_head(base_model)
+        base_model.eval()
+        with torch.no_grad():
+            base_value = float(self.validate(base_model))
+        self.info.update(base_validation=base_value, threshold_factor=self.config.threshold)
+        self.config.threshold = self.config.threshold * base_value
+        self.config.relative = False
+
+    def summary_stop(self) -> tuple[str, str, float | None]:
+        metric, direction = _METRICS[self.config.kind]
+        return metric, direction, self.config.threshold
 
     def summary(self) -> dict[str, Any]:
         metric, direction = _METRICS[self.config.kind]
