@@ -325,3 +325,19 @@ def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, t
     assert task.config.threshold == pytest.approx(0.5 * base) and task.info["base_validation"] == pytest.approx(base)
     with pytest.raises(ValueError, match="rel:FACTOR"):
         parse_tasks([f"lm={path}"], ["lm=low"], {})
+
+
+def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
+    from ftedit.retention.measure import Snapshot, lost_edits
+
+    probes = [Probe("edited", "P1", "Rome", "France", "r", original="Paris"),
+              Probe("edited", "P2", "dog", "Spain", "r", original="fox"),
+              Probe("edited", "P3", "London", "Italy", "r", original="fox"),
+              Probe("intrinsic", "P4", "capital", "Chad", "q")]
+    paris = gpt2_tok(" Paris")["input_ids"][0]
+    post = Snapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
+    end = Snapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
+                   [[]] * 4)
+    lost = lost_edits(probes, post, end, gpt2_tok, {"r": {("france", "Rome")}})
+    assert [(x["index"], x["fallback"], x["predicted"]) for x in lost] == [(0, "original", "Paris")]
+    assert post.rate(probes, "edited") == pytest.approx(200 / 3) and end.rate(probes, "intrinsic") == 0.0
