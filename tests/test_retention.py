@@ -267,8 +267,10 @@ def test_tiny_study_end_to_end(gpt2_model, gpt2_tok, tmp_path):
                       n_edits=2, overrides=["train.epochs=15", "train.lr=1e-2", "params.layers=all"],
                       strategies=["none", "edits", "below:1"], n_intrinsic=5,
                       downstream=DownstreamConfig(lr=1e-3, batch_size=2, max_steps=2, eval_every=1, probe_every=1))
-    result = run_study(cfg, gpt2_model, gpt2_tok, progress=False)
-    assert result["n_intrinsic"] >= 1 and result["n_edits"] == 2
+    partial = []
+    result = run_study(cfg, gpt2_model, gpt2_tok, progress=False, on_partial=partial.append)
+    assert [len(p["runs"]) for p in partial] == list(range(1, 13)) and not partial[0]["complete"]
+    assert result["complete"] and result["n_intrinsic"] >= 1 and result["n_edits"] == 2
     assert {(r["task"], r["strategy"]) for r in result["runs"]} == {
         (t, s) for t in ("lm", "classification", "sft", "facts") for s in ("none", "edits", "below:1")}
     lm = {t["kind"]: t for t in result["tasks"]}["lm"]

@@ -88,9 +88,10 @@ def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, d
         edited, _, _ = load_model(str(model_dir), device=device, dtype=dtype)
         cfg.method = manifest.get("recipe", cfg.method)
     base, tok, identity = load_model(model or "demo", device=device, dtype=dtype)
-    result = run_study(cfg, base, tok, edited_model=edited, manifest=manifest, progress=progress)
-    result["base_model"] = identity.to_dict()
-    result["command"] = "ftedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    extra = {"base_model": identity.to_dict(), "command": "ftedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    result = run_study(cfg, base, tok, edited_model=edited, manifest=manifest, progress=progress,
+                       on_partial=lambda partial: write_report(out, {**partial, **extra}))
+    result.update(extra)
     write_report(out, result)
     print_summary(console, result)
     console.print(f"wrote {out}/report.md, result.json and the plots")

@@ -113,6 +113,9 @@ def render_markdown(result: dict[str, Any], plots: dict[str, str], max_examples:
     cfg = result["config"]
     edit = result["edit"]
     lines = ["# Retention of edited knowledge under downstream fine-tuning", "",
+             *([] if result.get("complete", True) else
+               ["**Interim report: the study is still running (or was interrupted); runs below are complete.**",
+                ""]),
              f"- protocol: **{result['protocol']}**, method **{edit['method']}**"
              + (f" (from `{edit['from_edit']}`)" if edit.get("from_edit") else "")
              + f", {result['n_edits']} edits, {result['n_intrinsic']} intrinsic facts",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,7 +146,8 @@ def _edit(cfg: StudyConfig, model, tok, requests, pool, progress: bool):
     return edited, applied
 
 
-def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bool) -> dict[str, Any]:
+def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bool,
+             on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """All runs from one edited model (already edited when ``touched`` is given)."""
     edit_info: dict[str, Any] = {"method": cfg.method, "from_edit": cfg.from_edit}
     if touched is None:
@@ -157,9 +158,13 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bo
     edit_info["touched"] = touched_modules(touched)
     post = measure(model, tok, prep.probes, "post-edit", 0)
     state = _state(model)
-    runs = [_one_run(model, tok, task, s, touched, prep.probes, post, state, cfg, prep.related)
-            for task in prep.tasks for s in cfg.strategies]
-    return {"edit": edit_info, "post_edit": post.to_dict(), "runs": runs}
+    outcome: dict[str, Any] = {"edit": edit_info, "post_edit": post.to_dict(), "runs": []}
+    for task in prep.tasks:
+        for s in cfg.strategies:
+            outcome["runs"].append(_one_run(model, tok, task, s, touched, prep.probes, post, state, cfg, prep.related))
+            if on_run is not None:
+                on_run(outcome)
+    return outcome
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -187,7 +192,8 @@ def _aggregate(per_edit: list[dict[str, Any]], probe_every: int) -> dict[str, An
             "per_edit": [{k: r[k] for k in ("log", "curve", "snapshots", "lost_edits")} for r in per_edit]}
 
 
-def run_single(cfg: StudyConfig, model, tok, prep: Prepared, progress: bool) -> dict[str, Any]:
+def run_single(cfg: StudyConfig, model, tok, prep: Prepared, progress: bool,
+               on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Each edit alone on the base weights, then every (task, strategy) run."""
     base_state = _state(model)
     pool = load_pool_facts(cfg.method_pool) if cfg.method_pool else None
@@ -207,10 +213,12 @@ def run_single(cfg: StudyConfig, model, tok, prep: Prepared, progress: bool) -> 
                 run = _one_run(edited, tok, task, s, applied.touched, probes, post, state, cfg, prep.related)
                 per_pair.setdefault((task.config.kind, s), []).append(run)
         logger.info("single-edit protocol: edit %d/%d done", i + 1, len(prep.requests))
-    runs = [_aggregate(v, cfg.downstream.probe_every) for v in per_pair.values()]
-    touched = applied.touched if prep.requests else []
-    return {"edit": {"method": cfg.method, "seconds": seconds, "touched": touched}, "post_edit": posts,
-            "runs": runs}
+        outcome = {"edit": {"method": cfg.method, "seconds": seconds, "touched": applied.touched,
+                            "edits_done": i + 1}, "post_edit": posts,
+                   "runs": [_aggregate(v, cfg.downstream.probe_every) for v in per_pair.values()]}
+        if on_run is not None:
+            on_run(outcome)
+    return outcome
 
 
 def load_edit_requests(cfg: StudyConfig, manifest: dict[str, Any] | None) -> list[EditRequest]:
@@ -225,8 +233,12 @@ def load_edit_requests(cfg: StudyConfig, manifest: dict[str, Any] | None) -> lis
 
 
 def run_study(cfg: StudyConfig, base_model: nn.Module, tok, *, edited_model: nn.Module | None = None,
-              manifest: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+              manifest: dict[str, Any] | None = None, progress: bool = True,
+              on_partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the whole study; returns the result dict that :func:`ftedit.retention.report.write_report` writes.
+
+    ``on_partial`` receives the result so far (``"complete": False``) after every finished run, e.g. to write
+    an interim report that survives an interrupted study.
 
     ``base_model`` is edited in place (mass protocol without ``edited_model``). With ``edited_model`` and its
     ``manifest`` (from ``ftedit edit``), the base model is only measured and the edit is not redone.
@@ -234,14 +246,22 @@ def run_study(cfg: StudyConfig, base_model: nn.Module, tok, *, edited_model: nn.
     start = time.perf_counter()
     requests = load_edit_requests(cfg, manifest)
     prep = prepare(cfg, base_model, tok, requests)
+
+    def result(outcome: dict[str, Any], complete: bool) -> dict[str, Any]:
+        return {"config": asdict(cfg), "protocol": cfg.protocol, "n_edits": len(requests),
+                "n_intrinsic": sum(p.kind == "intrinsic" for p in prep.probes), **prep.info,
+                "fallback_classes": list(FALLBACKS), "tasks": [t.summary() for t in prep.tasks],
+                "probes": [asdict(p) for p in prep.probes], "base": prep.base.to_dict(), **outcome,
+                "complete": complete, "wall_seconds": time.perf_counter() - start}
+
+    def partial(outcome: dict[str, Any]) -> None:
+        if on_partial is not None:  # a copy of the run list: the study keeps appending to its own
+            on_partial(result({**outcome, "runs": list(outcome["runs"])}, False))
+
     if cfg.protocol == "single":
-        outcome = run_single(cfg, base_model, tok, prep, progress)
+        outcome = run_single(cfg, base_model, tok, prep, progress, partial)
     elif edited_model is not None:
-        outcome = run_mass(cfg, edited_model, tok, prep, manifest, progress)
+        outcome = run_mass(cfg, edited_model, tok, prep, manifest, progress, partial)
     else:
-        outcome = run_mass(cfg, base_model, tok, prep, None, progress)
-    return {"config": asdict(cfg), "protocol": cfg.protocol, "n_edits": len(requests),
-            "n_intrinsic": sum(p.kind == "intrinsic" for p in prep.probes), **prep.info,
-            "fallback_classes": list(FALLBACKS), "tasks": [t.summary() for t in prep.tasks],
-            "probes": [asdict(p) for p in prep.probes], "base": prep.base.to_dict(), **outcome,
-            "wall_seconds": time.perf_counter() - start}
+        outcome = run_mass(cfg, base_model, tok, prep, None, progress, partial)
+    return result(outcome, True)
