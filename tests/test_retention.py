@@ -343,3 +343,32 @@ def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
     lost = lost_edits(probes, post, end, gpt2_tok, {"r": {("france", "Rome")}})
     assert [(x["index"], x["fallback"], x["predicted"]) for x in lost] == [(0, "original", "Paris")]
     assert post.rate(probes, "edited") == pytest.approx(200 / 3) and end.rate(probes, "intrinsic") == 0.0
+
+
+def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok, data_dir):
+    from typer.testing import CliRunner
+
+    from ftedit.cli import app
+
+    base = tmp_path / "base"
+    gpt2_model.save_pretrained(base)
+    gpt2_tok.save_pretrained(base)
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    edited = tmp_path / "edited"
+    result = CliRunner().invoke(app, ["edit", "--model", str(base), "--data", cf, "--recipe", "locft-bf",
+                                      "--set", "train.epochs=2", "--out", str(edited), "--no-eval", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+    out = tmp_path / "study"
+    args = ["retention", "--out", str(out), "--from-edit", str(edited), "--model", str(base),
+            "--intrinsic-pool", cf, "--task", f"lm={tmp_path / 'wiki.txt'}", "--threshold", "lm=rel:0.5",
+            "--strategy", "edits", "--max-steps", "1", "--n-val", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "result.json").read_text())
+    manifest = json.loads((edited / "manifest.json").read_text())
+    assert saved["edit"]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
+    assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
+    assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception)
