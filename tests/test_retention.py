@@ -372,3 +372,19 @@ def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok
     assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+
+
+def test_single_protocol_edits_each_fact_alone(gpt2_model, gpt2_tok, tmp_path, data_dir):
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+    before = _snapshot(gpt2_model)
+    cfg = StudyConfig(tasks=[TaskConfig("lm", str(tmp_path / "wiki.txt"), threshold=0.0, n_val=2)],
+                      intrinsic_pool=cf, edits=cf, n_edits=2, protocol="single", overrides=["train.epochs=2"],
+                      strategies=["edits"], downstream=DownstreamConfig(batch_size=2, max_steps=2, probe_every=1))
+    result = run_study(cfg, gpt2_model, gpt2_tok, progress=False)
+    (run,) = result["runs"]
+    assert len(result["post_edit"]) == 2 and run["log"]["runs"] == 2 and len(run["per_edit"]) == 2
+    assert run["log"]["stopped_by"] == {"max_steps": 2} and [c["step"] for c in run["curve"]] == [0, 1, 2]
+    # each single-edit run probes its own edit plus the intrinsic set
+    assert all(len(p["known"]) == 1 + result["n_intrinsic"] for p in result["post_edit"])
+    assert _changed(gpt2_model, before)  # the model object is left edited and trained
