@@ -388,3 +388,14 @@ def test_single_protocol_edits_each_fact_alone(gpt2_model, gpt2_tok, tmp_path, d
     # each single-edit run probes its own edit plus the intrinsic set
     assert all(len(p["known"]) == 1 + result["n_intrinsic"] for p in result["post_edit"])
     assert _changed(gpt2_model, before)  # the model object is left edited and trained
+
+
+def test_protect_edits_on_a_plain_torch_model():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    before = _snapshot(model)
+    handle = protect_edits(model, [{"name": "2", "layer": 0, "role": "down"}])
+    assert handle.frozen == ["2.weight", "2.bias"]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert _changed(model, before) == {"0.weight", "0.bias"}
