@@ -159,8 +159,9 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bo
     post = measure(model, tok, prep.probes, "post-edit", 0)
     state = _state(model)
     outcome: dict[str, Any] = {"edit": edit_info, "post_edit": post.to_dict(), "runs": []}
-    for task in prep.tasks:
-        for s in cfg.strategies:
+    # Strategy-major order: an interrupted study has already covered every task for the first strategies.
+    for s in cfg.strategies:
+        for task in prep.tasks:
             outcome["runs"].append(_one_run(model, tok, task, s, touched, prep.probes, post, state, cfg, prep.related))
             if on_run is not None:
                 on_run(outcome)
