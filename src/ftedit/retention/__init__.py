@@ -1,0 +1,30 @@
+"""Retention of edited knowledge under downstream fine-tuning (paper 002), and protecting edits from it.
+
+Library API: :func:`run_study` + :func:`write_report` (what ``ftedit retention`` runs), the freezing
+utilities (:func:`protect_edits`, :class:`ProtectEditsCallback`, :func:`freeze_below`,
+:func:`freeze_all_but_window`), the downstream tasks and the stopping rule.
+"""
+
+from ftedit.retention.filtering import MentionFilter, edit_terms
+from ftedit.retention.finetune import DownstreamConfig, finetune
+from ftedit.retention.freezing import (
+    FreezeHandle,
+    ProtectEditsCallback,
+    apply_strategy,
+    freeze_all_but_window,
+    freeze_below,
+    protect_edits,
+    touched_modules,
+)
+from ftedit.retention.measure import Probe, classify_fallback, measure, select_intrinsic
+from ftedit.retention.report import write_report
+from ftedit.retention.stopping import StoppingRule
+from ftedit.retention.study import StudyConfig, run_study
+from ftedit.retention.tasks import TaskConfig, build_task
+
+__all__ = [
+    "DownstreamConfig", "FreezeHandle", "MentionFilter", "Probe", "ProtectEditsCallback", "StoppingRule",
+    "StudyConfig", "TaskConfig", "apply_strategy", "build_task", "classify_fallback", "edit_terms", "finetune",
+    "freeze_all_but_window", "freeze_below", "measure", "protect_edits", "run_study", "select_intrinsic",
+    "touched_modules", "write_report",
+]

@@ -1,0 +1,401 @@
+"""Retention study (paper 002): freezing utilities, protect_edits, stopping rules, filter, fallback, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftedit.data.examples import PoolFact
+from ftedit.data.requests import EditRequest
+from ftedit.forward import per_example_nll
+from ftedit.methods import apply_method
+from ftedit.outputs import build_manifest
+from ftedit.params import find_blocks
+from ftedit.retention import (
+    DownstreamConfig,
+    MentionFilter,
+    ProtectEditsCallback,
+    StoppingRule,
+    StudyConfig,
+    TaskConfig,
+    apply_strategy,
+    build_task,
+    classify_fallback,
+    edit_terms,
+    finetune,
+    freeze_all_but_window,
+    freeze_below,
+    protect_edits,
+    run_study,
+    write_report,
+)
+from ftedit.retention.measure import Probe, disjoint_facts
+from ftedit.retention.tasks import DownstreamTask
+from ftedit.tokenization import encode_text, pad_right
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+         "The lazy dog sleeps.", "The capital of France is Paris."]
+
+
+def _train_steps(model, tok, steps: int = 3, lr: float = 1e-2) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    batch = pad_right([encode_text(tok, t) for t in TEXTS], tok.pad_token_id)
+    model.train()
+    for _ in range(steps):
+        per_example_nll(model, batch)[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    model.eval()
+
+
+def _changed(model, before) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.detach().equal(before[n])}
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _block_params(model, layers) -> set[str]:
+    prefix, _ = find_blocks(model)
+    return {n for n, _ in model.named_parameters() if any(n.startswith(f"{prefix}.{i}.") for i in layers)}
+
+
+def test_freeze_below_trains_only_upper_blocks(llama_model, llama_tok):
+    before = _snapshot(llama_model)
+    handle = freeze_below(llama_model, 2)
+    _train_steps(llama_model, llama_tok)
+    frozen_blocks = _block_params(llama_model, [0, 1])
+    assert set(handle.frozen) >= frozen_blocks
+    assert not (_changed(llama_model, before) & set(handle.frozen))
+    assert all(p.grad is None for n, p in llama_model.named_parameters() if n in handle.frozen)
+    assert _block_params(llama_model, [2]) <= _changed(llama_model, before)
+    handle.undo()
+    assert all(p.requires_grad for p in llama_model.parameters())
+
+
+def test_freeze_all_but_window_trains_only_the_window(gpt2_model, gpt2_tok):
+    before = _snapshot(gpt2_model)
+    with freeze_all_but_window(gpt2_model, "1"):
+        _train_steps(gpt2_model, gpt2_tok)
+    changed = _changed(gpt2_model, before)
+    window = _block_params(gpt2_model, [1])
+    assert changed and changed <= window
+    assert "transformer.wte.weight" not in changed
+    assert all(p.requires_grad for p in gpt2_model.parameters())  # the context manager undid it
+
+
+def _edit_manifest(model, tok):
+    request = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome",
+                          target_true="Paris")
+    applied = apply_method("locft-bf", model, tok, [request], overrides=["train.epochs=1"], progress=False)
+    manifest = build_manifest(applied.details, [request], {"spec": "tiny"})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return applied, manifest
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_model", "gemma_model"])
+def test_protect_edits_from_manifest_file(fixture, request, tmp_path, gpt2_tok, llama_tok):
+    model = request.getfixturevalue(fixture)
+    tok = gpt2_tok if fixture == "gpt2_model" else llama_tok
+    applied, manifest = _edit_manifest(model, tok)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    touched = {t["name"] for t in applied.touched}
+    before = _snapshot(model)
+    handle = protect_edits(model, tmp_path)  # the output folder of `ftedit edit`
+    assert {n.rsplit(".", 1)[0] for n in handle.frozen} == touched
+    _train_steps(model, tok)
+    changed = _changed(model, before)
+    assert not changed & set(handle.frozen)
+    assert len(changed) > len(handle.frozen)  # everything else still trains
+    handle.undo()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_protect_edits_rejects_bad_manifests(gpt2_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        protect_edits(gpt2_model, tmp_path)
+    with pytest.raises(ValueError, match="touched.modules"):
+        protect_edits(gpt2_model, {"touched": {}})
+    with pytest.raises(ValueError, match="not in this"):
+        protect_edits(gpt2_model, [{"name": "nope.mlp", "layer": 99, "role": "down"}])
+
+
+def test_protect_edits_trainer_callback(gpt2_model, gpt2_tok, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    applied, manifest = _edit_manifest(gpt2_model, gpt2_tok)
+    before = _snapshot(gpt2_model)
+    rows = [{"input_ids": list(encode_text(gpt2_tok, t).input_ids)} for t in TEXTS[:2]]
+    rows = [{**r, "labels": r["input_ids"]} for r in rows if len(r["input_ids"]) == len(rows[0]["input_ids"])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True)
+    callback = ProtectEditsCallback(manifest)
+    Trainer(model=gpt2_model, args=args, train_dataset=rows, callbacks=[callback]).train()
+    changed = _changed(gpt2_model, before)
+    touched = {f"{t['name']}.weight" for t in applied.touched}
+    assert changed and not changed & touched
+    assert all(p.requires_grad for p in gpt2_model.parameters())
+
+
+def test_apply_strategy_names():
+    with pytest.raises(ValueError, match="unknown freezing strategy"):
+        apply_strategy(torch.nn.Linear(2, 2), "freeze-everything")
+    with pytest.raises(ValueError, match="manifest"):
+        apply_strategy(torch.nn.Linear(2, 2), "edits")
+
+
+class _ScriptedTask(DownstreamTask):
+    """Validation returns scripted values; the loss trains a real tiny model."""
+
+    def __init__(self, values, tok):
+        cfg = TaskConfig("lm", "scripted")
+        items = [encode_text(tok, t) for t in TEXTS]
+        super().__init__(cfg, tok, items, items[:1], 0)
+        self.values = list(values)
+
+    def loss(self, model, items):
+        return per_example_nll(model, pad_right(list(items), self.tok.pad_token_id))[0].mean()
+
+    def validate(self, model):
+        return self.values.pop(0)
+
+
+def test_stopping_rule_threshold_vs_cap():
+    rule = StoppingRule("val_loss", 2.0, "below", max_steps=10, eval_every=5)
+    assert rule.decide(5, 2.5) is None and rule.decide(5, 1.9) == "threshold" and rule.decide(10, 2.5) == "max_steps"
+    acc = StoppingRule("val_accuracy", 0.9, "above", max_steps=10)
+    assert acc.decide(3, 0.95) == "threshold" and acc.decide(3, 0.9) is None
+    assert StoppingRule("val_loss", None, "below", max_steps=4).decide(4, 0.0) == "max_steps"
+    with pytest.raises(ValueError):
+        StoppingRule("val_loss", 1.0, "sideways")
+
+
+def test_finetune_stops_at_threshold_or_cap(gpt2_model, gpt2_tok):
+    cfg = DownstreamConfig(lr=1e-3, batch_size=2, max_steps=6, eval_every=2, probe_every=2)
+    checkpoints = []
+    task = _ScriptedTask([3.0, 2.5, 1.5, 1.0], gpt2_tok)
+    log = finetune(gpt2_model, task, StoppingRule("val_loss", 2.0, "below", 6, 2), cfg, checkpoints.append)
+    assert (log.stopped_by, log.steps, checkpoints) == ("threshold", 4, [2, 4])
+    task = _ScriptedTask([3.0] * 5, gpt2_tok)
+    log = finetune(gpt2_model, task, StoppingRule("val_loss", 2.0, "below", 6, 2), cfg)
+    assert (log.stopped_by, log.steps) == ("max_steps", 6)
+    assert [s for s, _ in log.validation] == [0, 2, 4, 6]
+
+
+def test_mention_filter_whole_words_case_insensitive():
+    requests = [EditRequest(prompt="Windows Mobile 6.5 was developed by", subject="Windows Mobile 6.5",
+                            target_new="Apple", target_true="Microsoft")]
+    f = MentionFilter(edit_terms(requests))
+    assert f.mentions("I bought an APPLE pie") and f.mentions("windows mobile 6.5 shipped in 2009")
+    assert not f.mentions("Applebee's opened") and not f.mentions("Windows 7 was released")
+    kept, removed = f.keep(["Microsoft Office", "a cat", "the apple", "no"], str)
+    assert (kept, removed) == (["a cat", "no"], 2)
+
+
+def test_task_filters_records_and_reports_removed(gpt2_tok, tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(["Paris is nice."] * 3 + ["The dog runs."] * 5 + ["A fox naps."] * 4))
+    task = build_task(TaskConfig("lm", str(path), n_val=2), gpt2_tok, MentionFilter(["paris", "fox"]))
+    assert task.removed == 7 and len(task.train_items) + len(task.val_items) == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": 1}\n{"text": "no label"}\n')
+    with pytest.raises(ValueError, match="record 1: missing field 'label'"):
+        build_task(TaskConfig("classification", str(bad)), gpt2_tok, MentionFilter([]))
+
+
+def test_fallback_classification(gpt2_tok):
+    probe = Probe("edited", "The capital of France is", "Rome", "France", "{} capital", original="Paris")
+    related = {("italy", "Rome"), ("england", "London"), ("germany", "Berlin")}
+    ids = {w: gpt2_tok(" " + w)["input_ids"][0] for w in ("Paris", "London", "dog")}
+    assert len(set(ids.values())) == 3
+    assert classify_fallback(gpt2_tok, probe, ids["Paris"], related) == "original"
+    assert classify_fallback(gpt2_tok, probe, ids["London"], related) == "related"
+    assert classify_fallback(gpt2_tok, probe, ids["dog"], related) == "other"
+    assert classify_fallback(gpt2_tok, probe, None, related) == "other"
+
+
+def test_disjoint_intrinsic_facts():
+    requests = [EditRequest(prompt="France's capital is", subject="France", target_new="Rome", target_true="Paris")]
+    pool = [PoolFact("France's anthem is", "Marseillaise", "France"),  # same subject
+            PoolFact("Spain's capital is", "Madrid", "Spain"),  # same relation template
+            PoolFact("The dog likes", "Paris", "The dog"),  # edited object
+            PoolFact("The fox eats", "mice", "The fox")]
+    assert [f.subject for f in disjoint_facts(pool, requests)] == ["The fox"]
+
+
+def _teach(model, tok, pairs, steps=60):
+    """Make the tiny random model 'know' some facts, so the intrinsic set is not empty."""
+    from ftedit.tokenization import encode_pair
+
+    batch = pad_right([encode_pair(tok, p, t) for p, t in pairs], tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        per_example_nll(model, batch)[0].mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_tiny_study_end_to_end(gpt2_model, gpt2_tok, tmp_path):
+    edits = [{"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "target_true": "Paris"},
+             {"prompt": "The lazy dog eats", "subject": "lazy dog", "target_new": "London", "target_true": "fox"}]
+    known = [("The quick brown fox jumps over the", "dog"), ("The brown cat likes", "capital")]
+    pool = [{"prompt": p, "target": t, "subject": p.split(" ")[2]} for p, t in known]
+    pool += [{"prompt": "A brown bird sees", "target": "Paris", "subject": "bird"}]
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(e) for e in edits))
+    (tmp_path / "pool.jsonl").write_text("\n".join(json.dumps(e) for e in pool))
+    (tmp_path / "wiki.txt").write_text("\n".join(["The quick brown fox jumps.", "Paris is in France.",
+                                                  "The sun is hot.", "Birds fly south."] * 3))
+    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps({"prompt": f"The sun number {i} is", "target": "hot",
+                                                                 "subject": f"sun number {i}"}) for i in range(4)))
+    (tmp_path / "cls.csv").write_text("text,label\n" + "\n".join(["good movie,1", "bad movie,0"] * 6))
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": "Say hi", "response": "hi there"})
+                                                  for _ in range(6)))
+    _teach(gpt2_model, gpt2_tok, known)
+    tasks = [TaskConfig("lm", str(tmp_path / "wiki.txt"), threshold=0.0, n_val=2),
+             TaskConfig("classification", str(tmp_path / "cls.csv"), threshold=1.0, n_val=2),
+             TaskConfig("sft", str(tmp_path / "sft.jsonl"), threshold=0.0, n_val=2),
+             TaskConfig("facts", str(tmp_path / "facts.jsonl"), threshold=1.0, n_val=1)]
+    cfg = StudyConfig(tasks=tasks, intrinsic_pool=str(tmp_path / "pool.jsonl"), edits=str(tmp_path / "edits.jsonl"),
+                      n_edits=2, overrides=["train.epochs=15", "train.lr=1e-2", "params.layers=all"],
+                      strategies=["none", "edits", "below:1"], n_intrinsic=5,
+                      downstream=DownstreamConfig(lr=1e-3, batch_size=2, max_steps=2, eval_every=1, probe_every=1))
+    partial = []
+    result = run_study(cfg, gpt2_model, gpt2_tok, progress=False, on_partial=partial.append)
+    assert [len(p["runs"]) for p in partial] == list(range(1, 13)) and not partial[0]["complete"]
+    assert result["complete"] and result["n_intrinsic"] >= 1 and result["n_edits"] == 2
+    assert {(r["task"], r["strategy"]) for r in result["runs"]} == {
+        (t, s) for t in ("lm", "classification", "sft", "facts") for s in ("none", "edits", "below:1")}
+    lm = {t["kind"]: t for t in result["tasks"]}["lm"]
+    # "Paris is in France." names edit 1, "The quick brown fox jumps." edit 2's original object; 3 copies each
+    assert lm["removed_by_filter"] == 6
+    for run in result["runs"]:
+        assert run["log"]["stopped_by"] == "max_steps" and run["log"]["steps"] == 2
+        assert [c["step"] for c in run["curve"]] == [0, 1, 2]
+        assert all(len(s["top3"][0]) == 3 for s in run["snapshots"])
+    frozen = {r["strategy"]: r["frozen_parameters"] for r in result["runs"] if r["task"] == "lm"}
+    assert frozen["none"] == 0 < frozen["edits"]
+    paths = write_report(tmp_path / "out", result)
+    saved = json.loads(paths["result.json"].read_text())
+    assert saved["runs"][0]["curve"] == result["runs"][0]["curve"]
+    assert paths["retention_lm.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["report.md"].read_text()
+    assert "| lm | edits |" in text and "Table 1" in text and "![lm](retention_lm.png)" in text
+
+
+def test_report_writer_from_a_result(tmp_path):
+    snap = {"label": "post-edit", "step": 0, "known": [True, False], "first_token": ["Rome", "x"],
+            "first_token_id": [1, 2], "top3": [[("Rome", 0.9), ("Paris", 0.05), ("the", 0.01)]] * 2}
+    end = {**snap, "label": "step 5", "step": 5, "known": [False, False]}
+    run = {"task": "lm", "strategy": "none", "frozen_parameters": 0,
+           "log": {"steps": 5, "stopped_by": "threshold", "validation": [(0, 3.0), (5, 2.0)]},
+           "curve": [{"step": 0, "label": "post-edit", "edited": 100.0, "intrinsic": 0.0},
+                     {"step": 5, "label": "step 5", "edited": 0.0, "intrinsic": 0.0}],
+           "snapshots": [snap, end], "lost_edits": [{"index": 0, "fallback": "related"}],
+           "fallback": {"related": 1}}
+    result = {"config": {"downstream": {}}, "protocol": "mass", "n_edits": 1, "n_intrinsic": 1,
+              "edit": {"method": "locft-bf", "touched": [{"name": "h.1.mlp"}]}, "intrinsic_selection": {},
+              "wall_seconds": 1.0, "tasks": [{"kind": "lm", "source": "x", "metric": "val_loss",
+                                              "direction": "below", "threshold": 2.5, "n_train": 3, "n_val": 1,
+                                              "removed_by_filter": 4}],
+              "probes": [{"kind": "edited", "prompt": "P", "target": "Rome", "original": "Paris"},
+                         {"kind": "intrinsic", "prompt": "Q", "target": "x", "original": None}],
+              "base": {**snap, "label": "base", "known": [False, True]}, "runs": [run]}
+    paths = write_report(tmp_path, result)
+    text = paths["report.md"].read_text()
+    assert "| lm | none | 0 | threshold | 5 | 3.000 -> 2.000 | 100.0 -> 0.0 | 100.0 -> 0.0 -> 0.0 | 0 / 1 / 0 |" in text
+    assert "Rome (0.900)" in text
+    assert json.loads(paths["result.json"].read_text())["plots"] == {"lm": "retention_lm.png"}
+
+
+def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, tmp_path):
+    from ftedit.retention.cli import parse_tasks
+
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(TEXTS * 3))
+    (cfg,) = parse_tasks([f"lm={path}"], ["lm=rel:0.5"], {"n_val": 2})
+    task = build_task(cfg, gpt2_tok, MentionFilter([]))
+    base = task.validate(gpt2_model)
+    task.resolve_threshold(gpt2_model)
+    assert task.config.threshold == pytest.approx(0.5 * base) and task.info["base_validation"] == pytest.approx(base)
+    with pytest.raises(ValueError, match="rel:FACTOR"):
+        parse_tasks([f"lm={path}"], ["lm=low"], {})
+
+
+def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
+    from ftedit.retention.measure import Snapshot, lost_edits
+
+    probes = [Probe("edited", "P1", "Rome", "France", "r", original="Paris"),
+              Probe("edited", "P2", "dog", "Spain", "r", original="fox"),
+              Probe("edited", "P3", "London", "Italy", "r", original="fox"),
+              Probe("intrinsic", "P4", "capital", "Chad", "q")]
+    paris = gpt2_tok(" Paris")["input_ids"][0]
+    post = Snapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
+    end = Snapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
+                   [[]] * 4)
+    lost = lost_edits(probes, post, end, gpt2_tok, {"r": {("france", "Rome")}})
+    assert [(x["index"], x["fallback"], x["predicted"]) for x in lost] == [(0, "original", "Paris")]
+    assert post.rate(probes, "edited") == pytest.approx(200 / 3) and end.rate(probes, "intrinsic") == 0.0
+
+
+def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok, data_dir):
+    from typer.testing import CliRunner
+
+    from ftedit.cli import app
+
+    base = tmp_path / "base"
+    gpt2_model.save_pretrained(base)
+    gpt2_tok.save_pretrained(base)
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    edited = tmp_path / "edited"
+    result = CliRunner().invoke(app, ["edit", "--model", str(base), "--data", cf, "--recipe", "locft-bf",
+                                      "--set", "train.epochs=2", "--out", str(edited), "--no-eval", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+    out = tmp_path / "study"
+    args = ["retention", "--out", str(out), "--from-edit", str(edited), "--model", str(base),
+            "--intrinsic-pool", cf, "--task", f"lm={tmp_path / 'wiki.txt'}", "--threshold", "lm=rel:0.5",
+            "--strategy", "edits", "--max-steps", "1", "--n-val", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "result.json").read_text())
+    manifest = json.loads((edited / "manifest.json").read_text())
+    assert saved["edit"]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
+    assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
+    assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+
+
+def test_single_protocol_edits_each_fact_alone(gpt2_model, gpt2_tok, tmp_path, data_dir):
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+    before = _snapshot(gpt2_model)
+    cfg = StudyConfig(tasks=[TaskConfig("lm", str(tmp_path / "wiki.txt"), threshold=0.0, n_val=2)],
+                      intrinsic_pool=cf, edits=cf, n_edits=2, protocol="single", overrides=["train.epochs=2"],
+                      strategies=["edits"], downstream=DownstreamConfig(batch_size=2, max_steps=2, probe_every=1))
+    result = run_study(cfg, gpt2_model, gpt2_tok, progress=False)
+    (run,) = result["runs"]
+    assert len(result["post_edit"]) == 2 and run["log"]["runs"] == 2 and len(run["per_edit"]) == 2
+    assert run["log"]["stopped_by"] == {"max_steps": 2} and [c["step"] for c in run["curve"]] == [0, 1, 2]
+    # each single-edit run probes its own edit plus the intrinsic set
+    assert all(len(p["known"]) == 1 + result["n_intrinsic"] for p in result["post_edit"])
+    assert _changed(gpt2_model, before)  # the model object is left edited and trained
+
+
+def test_protect_edits_on_a_plain_torch_model():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    before = _snapshot(model)
+    handle = protect_edits(model, [{"name": "2", "layer": 0, "role": "down"}])
+    assert handle.frozen == ["2.weight", "2.bias"]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert _changed(model, before) == {"0.weight", "0.bias"}
