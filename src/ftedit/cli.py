@@ -68,13 +68,33 @@ def edit_command(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT/checkpoint.")] = False,
+    on_conflict: Annotated[str, typer.Option(help="Edits contradicting the model's ledger: warn | error | ignore.")]
+    = "warn",
 ) -> None:
     """Edit a model by fine-tuning and write the edited model, its manifest and (optionally) its evaluation."""
     from ftedit.runner import run_edit
 
     run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=set_ or [],
              pool=pool, n=n, offset=offset, skip_invalid=skip_invalid, save=save, evaluate=evaluate,
-             overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console)
+             overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console,
+             resume=resume, on_conflict=on_conflict)
+
+
+@app.command("ledger")
+def ledger_command(
+    path: Annotated[Path, typer.Argument(help="An edit's output directory, its model/ directory or a ledger file.")],
+) -> None:
+    """List the edits a model carries, oldest first (from its ledger.jsonl)."""
+    from ftedit.ledger import read_ledger
+
+    entries = read_ledger(path)
+    table = Table(title=f"{len(entries)} edits in {path}")
+    for column in ("#", "hash", "subject", "prompt -> target", "recipe", "run", "time"):
+        table.add_column(column)
+    for i, e in enumerate(entries, start=1):
+        table.add_row(str(i), e.hash, e.subject, f"{e.prompt} -> {e.target_new}", e.recipe, e.run, e.time)
+    console.print(table)
 
 
 app.command("eval")(eval_command)
