@@ -19,8 +19,12 @@ class DataParallel:
 
     def __init__(self) -> None:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        state = PartialState()  # reads the launcher's environment; a plain run is one process
+        # reads the launcher's environment (a plain run is one process); accelerate sets up gloo on CPU
+        # only when asked for CPU, as `accelerate launch --cpu` does through ACCELERATE_USE_CPU
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
         self.world, self.rank, self.device = state.num_processes, state.process_index, state.device
         self.is_main = state.is_main_process
 
