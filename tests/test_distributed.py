@@ -46,3 +46,38 @@ def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data
     assert changed, "the edit changed nothing"
     for k in one:  # gradients summed across processes: equal up to float summation order
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_base_weights_need_cuda_and_lora(tmp_path, llama_model, llama_tok, data_dir):
+    import pytest
+
+    from ftedit.config import resolve_config
+    from ftedit.data import load_requests
+    from ftedit.editor import edit
+    from ftedit.models import ModelLoadError, load_model
+
+    base = tmp_path / "base"
+    llama_model.save_pretrained(base)
+    llama_tok.save_pretrained(base)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            load_model(str(base), device="cpu", quantize="4bit")
+    refused = CliRunner().invoke(app, ["edit", "--model", str(base), "--data",
+                                       str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+                                       "--out", str(tmp_path / "q"), "--quantize", "4bit"])
+    assert refused.exit_code != 0 and "LoRA" in str(refused.exception)
+    llama_model.hf_quantizer = object()  # what a bitsandbytes load leaves on the model
+    requests = load_requests(data_dir / "fixtures/counterfact_rome_format_first5.json").requests
+    with pytest.raises(ValueError, match="quantized"):
+        edit(llama_model, llama_tok, requests, resolve_config("locft-bf"), progress=False)
+
+
+def test_device_auto_places_the_model_with_a_device_map(tmp_path, llama_model, llama_tok):
+    from ftedit.models import load_model
+
+    llama_model.save_pretrained(tmp_path)
+    llama_tok.save_pretrained(tmp_path)
+    model, _, identity = load_model(str(tmp_path), device="auto")
+    assert identity.extra["device_map"] == "auto"
+    expected = llama_model.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight.cpu(), expected)

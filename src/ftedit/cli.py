@@ -65,9 +65,12 @@ def edit_command(
     save: Annotated[str, typer.Option(help="model | adapter | none.")] = "model",
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate before and after editing.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda, ..., or auto: layers spread over all GPUs (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    quantize: Annotated[str | None, typer.Option(
+        help="4bit | 8bit base weights (bitsandbytes, CUDA only) for LoRA edits of large models.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT/checkpoint.")] = False,
     on_conflict: Annotated[str, typer.Option(help="Edits contradicting the model's ledger: warn | error | ignore.")]
     = "warn",
@@ -78,7 +81,7 @@ def edit_command(
     run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=set_ or [],
              pool=pool, n=n, offset=offset, skip_invalid=skip_invalid, save=save, evaluate=evaluate,
              overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console,
-             resume=resume, on_conflict=on_conflict)
+             resume=resume, on_conflict=on_conflict, quantize=quantize)
 
 
 @app.command("ledger")

@@ -57,6 +57,11 @@ def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attache
     """Make exactly the selected weights trainable, directly or through LoRA adapters."""
     if cfg.method == "lora":
         return _attach_lora(model, targets, cfg)
+    from ftedit.models import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("the base weights are quantized (4/8-bit) and cannot be fine-tuned directly: "
+                         "train LoRA adapters on them (params.method=lora)")
     params = trainable_parameters(targets)
     freeze_all_but(model, params)
     constraint = NormConstraint(params, cfg.norm_constraint) if cfg.norm_constraint > 0 else None

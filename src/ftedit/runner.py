@@ -60,7 +60,7 @@ def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
 
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
              evaluate, overwrite, device, dtype, progress, console: Console, resume: bool = False,
-             on_conflict: str = "warn") -> dict:
+             on_conflict: str = "warn", quantize: str | None = None) -> dict:
     out = Path(out)
     _check_out_dir(out, model)
     _check_existing(out, overwrite, resume)
@@ -69,6 +69,9 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
         device = device or str(parallel.device)
         evaluate = evaluate and parallel.is_main
     cfg = resolve_config(recipe, config_file, overrides)
+    if quantize and (cfg.params.method != "lora" or save == "model"):
+        raise ValueError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
+                         "(--set params.method=lora) and save them with --save adapter")
     if cfg.mode == "single" and save != "none":
         logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
                        "writing the manifest and per-edit metrics only")
@@ -83,7 +86,7 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     history = find_ledger(model)
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
     torch.manual_seed(cfg.train.seed)
-    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
     pre = evaluate_requests(base, tok, loaded.requests, progress=progress) if evaluate else None
     checkpoints = None
     if cfg.mode != "single":
