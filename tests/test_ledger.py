@@ -9,7 +9,14 @@ from typer.testing import CliRunner
 from ftedit.cli import app
 from ftedit.data import load_requests
 from ftedit.data.requests import EditRequest
-from ftedit.ledger import ContradictionError, check_conflicts, find_conflicts, new_entries, read_ledger
+from ftedit.ledger import (
+    ContradictionError,
+    check_conflicts,
+    find_conflicts,
+    history_digest,
+    new_entries,
+    read_ledger,
+)
 from ftedit.outputs import request_hash
 
 FIXTURE = "fixtures/counterfact_rome_format_first5.json"
@@ -47,6 +54,7 @@ def test_reediting_carries_the_history_forward_and_appends(tmp_path, tiny_dir, d
     assert (tmp_path / "e1" / "ledger.jsonl").read_text() in (tmp_path / "e2" / "ledger.jsonl").read_text()
     assert two[3].parent["name_or_path"].endswith("e1/model") and two[0].parent["name_or_path"] == str(tiny_dir)
     assert len({e.run for e in two}) == 2 and two[0].recipe == "locft-bf" and two[0].method == "full"
+    assert two[0].previous == "" and two[3].previous == history_digest(one)
 
     table = CliRunner().invoke(app, ["ledger", str(tmp_path / "e2")])
     assert table.exit_code == 0 and "5 edits" in table.output

@@ -47,6 +47,7 @@ class LedgerEntry:
     time: str  # UTC, ISO 8601
     run: str  # one id per edit run: the edits written together
     parent: dict[str, Any]  # identity of the model the edit was written into
+    previous: str = ""  # sha256 of the ledger lines before this run: ties the run to the exact history it extends
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -79,16 +80,22 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def history_digest(entries: Iterable[LedgerEntry]) -> str:
+    return hashlib.sha256("\n".join(e.to_json() for e in entries).encode()).hexdigest()[:16]
+
+
 def new_entries(requests: Sequence[EditRequest], *, method: str, recipe: str, config: dict[str, Any],
-                parent: dict[str, Any], when: float | None = None) -> list[LedgerEntry]:
+                parent: dict[str, Any], earlier: Sequence[LedgerEntry] = (),
+                when: float | None = None) -> list[LedgerEntry]:
     from ftedit.outputs import request_hash
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when if when is not None else time.time()))
     chash = config_hash(config)
-    run = hashlib.sha256(f"{stamp}{chash}{len(requests)}{parent}".encode()).hexdigest()[:12]
+    previous = history_digest(earlier) if earlier else ""
+    run = hashlib.sha256(f"{stamp}{chash}{len(requests)}{parent}{previous}".encode()).hexdigest()[:12]
     return [LedgerEntry(hash=request_hash(r), prompt=r.prompt, subject=r.subject, target_new=r.target_new,
                         target_true=r.target_true, relation_id=r.relation_id, case_id=r.case_id, method=method,
-                        recipe=recipe, config_hash=chash, time=stamp, run=run, parent=parent)
+                        recipe=recipe, config_hash=chash, time=stamp, run=run, parent=parent, previous=previous)
             for r in requests]
 
 

@@ -41,11 +41,11 @@ def build_manifest(result, requests: Sequence[EditRequest], base_identity: dict[
     }
 
 
-def ledger_entries(result, manifest: dict[str, Any]) -> list[LedgerEntry]:
-    """Ledger lines for the edits in ``manifest`` (written into ``manifest["base_model"]``)."""
+def ledger_entries(result, manifest: dict[str, Any], history: Sequence[LedgerEntry] = ()) -> list[LedgerEntry]:
+    """Ledger lines for the edits in ``manifest`` (written into ``manifest["base_model"]`` after ``history``)."""
     requests = [EditRequest.from_dict({k: v for k, v in e.items() if k != "hash"}) for e in manifest["edits"]]
     return new_entries(requests, method=result.config.params.method, recipe=result.config.recipe,
-                       config=result.config.to_dict(), parent=manifest.get("base_model", {}))
+                       config=result.config.to_dict(), parent=manifest.get("base_model", {}), earlier=history)
 
 
 def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: str = "model",
@@ -67,7 +67,7 @@ def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: 
         elif save != "none":
             raise ValueError(f"unknown save mode {save!r}: use model, adapter or none")
         if save != "none":  # a ledger lists the edits a saved model carries; with nothing saved there is none
-            entries = ledger_entries(result, manifest)
+            entries = ledger_entries(result, manifest, history)
             for where in (tmp, tmp / save):
                 write_ledger(where / LEDGER_NAME, history, entries)
         save_config(result.config, tmp / "config.yaml")
