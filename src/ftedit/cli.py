@@ -59,6 +59,8 @@ def edit_command(
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
     pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation.")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="Layers to train (params.layers), e.g. -3: or 15; 'auto' picks layer and module by a trial sweep.")] = None,
     n: Annotated[int | None, typer.Option(help="Number of edit records (default: all).")] = None,
     offset: Annotated[int, typer.Option(help="First record index.")] = 0,
     skip_invalid: Annotated[bool, typer.Option(help="Skip invalid records (reported) instead of failing.")] = False,
@@ -78,7 +80,8 @@ def edit_command(
     """Edit a model by fine-tuning and write the edited model, its manifest and (optionally) its evaluation."""
     from ftedit.runner import run_edit
 
-    run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=set_ or [],
+    overrides = (set_ or []) + ([f"params.layers={layers}"] if layers else [])
+    run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=overrides,
              pool=pool, n=n, offset=offset, skip_invalid=skip_invalid, save=save, evaluate=evaluate,
              overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console,
              resume=resume, on_conflict=on_conflict, quantize=quantize)
@@ -106,6 +109,29 @@ def ledger_command(
 
 
 app.command("eval")(eval_command)
+
+
+@app.command("locate")
+def locate_command(
+    data: Annotated[str, typer.Option(help="Edit requests to try (COUNTERFACT/ZsRE JSON, JSONL/CSV, hf:NAME).")],
+    out: Annotated[Path, typer.Option(help="Directory for sweep.json/.md/.csv and heatmap.png.")],
+    model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
+    recipe: Annotated[str, typer.Option(help="Recipe whose training the trials use (augmentation off).")] = "locft-bf",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a field, e.g. locate.layer_stride=2, locate.modules=down,up, train.epochs=10.")] = None,
+    strategy: Annotated[str, typer.Option(help="exhaustive | halving | both (halving, then checked exhaustively).")
+                        ] = "exhaustive",
+    n: Annotated[int | None, typer.Option(help="Edits sampled for the trials (locate.n_edits).")] = None,
+    offset: Annotated[int, typer.Option(help="First record index.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Sweep layers x modules with short trial edits; write a heatmap and table and recommend a location."""
+    from ftedit.locate_cli import run_locate
+
+    run_locate(data=data, out=out, model=model, recipe=recipe, overrides=set_ or [], strategy=strategy, n=n,
+               offset=offset, device=device, dtype=dtype, progress=progress, console=console)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,32 @@ MODES = ("mass", "single", "sequential")
 @dataclass
 class ParamConfig:
     layers: str = "-3:"  # "15", "15,16" or a list, "-3:" (last three), "4:8", "all", "frac:0.66"; quote slices in YAML
+    # "auto": choose layer and module group by a short trial sweep (see LocateConfig); replaces layers and modules
     modules: str = "down"  # roles up/gate/down/q/k/v/o/qkv, groups mlp/attn, or block; comma-separated
     method: str = "full"  # "full": update the selected weights; "lora": train LoRA adapters on them (peft)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     norm_constraint: float = 0.0  # >0: FT-L, clamp each weight within this distance of its original value
+
+
+@dataclass
+class LocateConfig:
+    """Where-to-edit search: trial edits at each (layer, module group), ranked by edit score.
+
+    Used by ``ftedit locate`` and by ``params.layers=auto``. Trials use the edit's own recipe without
+    augmentation, on a sample of its edits; the model is restored after each trial.
+    """
+
+    layers: str = "all"  # candidate layers (params.layers syntax)
+    layer_stride: int = 1  # keep every k-th candidate layer, counting back from the last one
+    modules: str = "down,up,gate,attn,block"  # candidate module groups; ones a model lacks are skipped
+    n_edits: int = 20  # edits sampled for the trials
+    strategy: str = "halving"  # "halving": successive halving (cheap); "exhaustive": every candidate, full budget
+    eta: int = 3  # halving keeps the best 1/eta candidates after each rung
+    rungs: int = 3  # halving rungs; budgets grow by eta per rung up to the recipe's epochs
+    seed: int = 0  # which edits are sampled
+    cache: bool = True  # reuse a finished search for the same model and settings (cache_dir()/locate)
 
 
 @dataclass
@@ -42,6 +62,7 @@ class EditConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     params: ParamConfig = field(default_factory=ParamConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    locate: LocateConfig = field(default_factory=LocateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,6 +74,10 @@ class EditConfig:
             raise ConfigError(f"params.method {self.params.method!r} is not 'full' or 'lora'")
         if self.train.pipeline not in ("breadth", "depth"):
             raise ConfigError(f"train.pipeline {self.train.pipeline!r} is not 'breadth' or 'depth'")
+        if self.locate.strategy not in ("halving", "exhaustive"):
+            raise ConfigError(f"locate.strategy {self.locate.strategy!r} is not 'halving' or 'exhaustive'")
+        if self.locate.eta < 2 or self.locate.rungs < 1 or self.locate.n_edits < 1 or self.locate.layer_stride < 1:
+            raise ConfigError("locate: eta must be >= 2; rungs, n_edits and layer_stride >= 1")
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1")

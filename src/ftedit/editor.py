@@ -98,6 +98,7 @@ class EditResult:
     train: list[TrainResult]
     seconds: dict[str, float]
     single_edit_metrics: list[dict[str, Any]] = field(default_factory=list)
+    location: dict[str, Any] | None = None  # how params.layers=auto chose the layers and modules
     _attached: Attached | None = None
     _merged: bool = False
 
@@ -148,6 +149,13 @@ def edit(
     if not requests:
         raise ValueError("no edit requests")
     timings: dict[str, float] = {}
+    location = None
+    if config.params.layers == "auto":
+        from ftedit.locate import choose_location
+
+        t0 = time.perf_counter()
+        config, location = choose_location(model, tok, requests, config, progress, model_fingerprint)
+        timings["locate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     examples = build_training_set(model, tok, requests, config.augment, pool=pool, progress=progress,
                                   model_fingerprint=model_fingerprint)
@@ -177,6 +185,7 @@ def edit(
         train=runs,
         seconds=timings,
         single_edit_metrics=single,
+        location=location,
         _attached=attached,
     )
 

@@ -32,6 +32,7 @@ def build_manifest(result, requests: Sequence[EditRequest], base_identity: dict[
             "layers": sorted({t["layer"] for t in result.targets}),
             "modules": result.targets,
             "trainable_parameters": result.trainable_parameters,
+            "location": result.location or {"source": "config"},
         },
         "examples_by_kind": result.examples_by_kind,
         "training": [vars(r) for r in result.train],

@@ -1,0 +1,311 @@
+"""Where to edit: trial edits over layers x module groups, ranked by edit score.
+
+Each candidate (layer, module group) gets a short edit with the chosen recipe (augmentation off) on a sample
+of the edits, is evaluated with the harness (efficacy, generalization on paraphrases never trained on,
+locality on neighbors), and is undone. ``exhaustive`` trains every candidate with the recipe's full budget;
+``halving`` (successive halving) trains all candidates briefly and gives the larger budgets only to the best
+1/eta of them, which costs about ``rungs / eta**(rungs-1)`` of the exhaustive sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ftedit.atomic import write_bytes_atomic, write_json_atomic
+from ftedit.config import EditConfig, LocateConfig
+from ftedit.data.requests import EditRequest
+from ftedit.models import cache_dir
+from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("efficacy", "generalization", "locality", "edit_score")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    module: str  # a module group or role of params.expand_modules: "down", "attn", "block", ...
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}:{self.module}"
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    epochs: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class SweepResult:
+    strategy: str
+    candidates: list[Candidate]
+    trials: list[Trial]
+    best: Candidate
+    seconds: float
+    n_edits: int
+    cached: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def best_metrics(self) -> dict[str, float]:
+        return max((t for t in self.trials if t.candidate == self.best), key=lambda t: t.epochs).metrics
+
+    def final_trials(self) -> list[Trial]:
+        """Each candidate's trial at the largest budget it reached."""
+        last: dict[Candidate, Trial] = {}
+        for t in self.trials:
+            if t.candidate not in last or t.epochs >= last[t.candidate].epochs:
+                last[t.candidate] = t
+        return list(last.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy, "n_edits": self.n_edits, "seconds": self.seconds, "settings": self.settings,
+            "best": asdict(self.best), "best_metrics": self.best_metrics(),
+            "trials": [{"layer": t.candidate.layer, "module": t.candidate.module, "epochs": t.epochs,
+                        "seconds": t.seconds, **t.metrics} for t in self.trials],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        trials = [Trial(Candidate(t["layer"], t["module"]), t["epochs"], {m: t[m] for m in METRICS}, t["seconds"])
+                  for t in data["trials"]]
+        candidates = list(dict.fromkeys(t.candidate for t in trials))
+        return cls(data["strategy"], candidates, trials, Candidate(**data["best"]), data["seconds"],
+                   data["n_edits"], cached=True, settings=data.get("settings", {}))
+
+
+def candidates_for(model: nn.Module, cfg: LocateConfig) -> list[Candidate]:
+    """The (layer, module group) grid of ``cfg`` that this model actually has."""
+    _, blocks = find_blocks(model)
+    layers = parse_layers(cfg.layers, len(blocks))
+    layers = sorted(layers[::-1][:: cfg.layer_stride])  # stride from the last layer, which is always a candidate
+    groups = [g.strip() for g in cfg.modules.split(",") if g.strip()]
+    out = []
+    for layer in layers:
+        present = block_roles(blocks[layer])
+        for g in groups:
+            roles = GROUPS.get(g, (g,))
+            if g == "block" or any(r in present for r in roles):
+                out.append(Candidate(layer, g))
+    if not out:
+        raise ValueError(f"no candidate locations: layers {cfg.layers!r} x modules {cfg.modules!r}")
+    return out
+
+
+def sample_edits(requests: Sequence[EditRequest], cfg: LocateConfig) -> list[EditRequest]:
+    requests = list(requests)
+    if len(requests) <= cfg.n_edits:
+        return requests
+    return random.Random(cfg.seed).sample(requests, cfg.n_edits)
+
+
+def trial_config(base: EditConfig, candidate: Candidate, epochs: int) -> EditConfig:
+    """The recipe at one location and budget, without augmentation, as a mass edit."""
+    cfg = copy.deepcopy(base)
+    cfg.params.layers = str(candidate.layer)
+    cfg.params.modules = candidate.module
+    cfg.mode = "mass"
+    cfg.augment.n_paraphrases = cfg.augment.n_random = cfg.augment.n_similar = 0
+    if cfg.train.pipeline == "depth":
+        cfg.train.steps_per_edit = epochs
+    else:
+        cfg.train.epochs = epochs
+    return cfg
+
+
+def full_budget(base: EditConfig) -> int:
+    return base.train.steps_per_edit if base.train.pipeline == "depth" else base.train.epochs
+
+
+def halving_budgets(total: int, eta: int, rungs: int) -> list[int]:
+    """Budgets per rung, growing by ``eta`` and ending at ``total``: 25, eta 3, 3 rungs -> [3, 8, 25]."""
+    return sorted({max(1, round(total / eta ** (rungs - 1 - r))) for r in range(rungs)})
+
+
+def run_trial(model: nn.Module, tok, requests: list[EditRequest], base: EditConfig, candidate: Candidate,
+              epochs: int) -> Trial:
+    from ftedit.editor import edit
+    from ftedit.evaluate import evaluate_requests
+
+    start = time.perf_counter()
+    result = edit(model, tok, requests, trial_config(base, candidate, epochs), progress=False)
+    try:
+        summary = evaluate_requests(result.model, tok, requests, progress=False).summary
+    finally:
+        result.restore()
+    metrics = {m: float(summary[m]) for m in METRICS}
+    return Trial(candidate, epochs, metrics, time.perf_counter() - start)
+
+
+def _rank_key(trial: Trial) -> tuple[float, float, float]:
+    return trial.metrics["edit_score"], trial.metrics["efficacy"], -trial.candidate.layer
+
+
+def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConfig,
+          locate: LocateConfig | None = None, progress: bool = True, model_fingerprint: str = "",
+          per_model_cache: bool = False) -> SweepResult:
+    """Run the search of ``locate`` (default ``base.locate``) and return every trial and the best location.
+
+    Results are cached under ``cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
+    is on, keyed by fingerprint, settings and the sampled edits; ``per_model_cache`` leaves the edits out of
+    the key, so any later edit of the same model with the same settings reuses the search.
+    """
+    locate = locate or base.locate
+    sample = sample_edits(requests, locate)
+    candidates = candidates_for(model, locate)
+    settings = {"locate": asdict(locate), "trial_recipe": base.recipe,
+                "trial_config": trial_config(base, candidates[0], full_budget(base)).to_dict()}
+    key = _cache_key(model_fingerprint, settings, [] if per_model_cache else sample)
+    path = cache_dir() / "locate" / f"{key}.json"
+    if model_fingerprint and locate.cache and path.is_file():
+        logger.info("location search: cached result %s", path)
+        return SweepResult.from_dict(json.loads(path.read_text()))
+
+    start = time.perf_counter()
+    total = full_budget(base)
+    budgets = [total] if locate.strategy == "exhaustive" else halving_budgets(total, locate.eta, locate.rungs)
+    survivors, trials = list(candidates), []
+    bar = tqdm(total=_n_trials(len(candidates), budgets, locate.eta), desc="locate", disable=not progress)
+    for i, epochs in enumerate(budgets):
+        rung = []
+        for c in survivors:
+            rung.append(run_trial(model, tok, sample, base, c, epochs))
+            bar.update(1)
+            bar.set_postfix_str(f"{c.label} ep{epochs} score {rung[-1].metrics['edit_score']:.1f}")
+        trials += rung
+        rung.sort(key=_rank_key, reverse=True)
+        if i < len(budgets) - 1:
+            survivors = [t.candidate for t in rung[: math.ceil(len(rung) / locate.eta)]]
+    bar.close()
+    best = max((t for t in trials if t.epochs == budgets[-1]), key=_rank_key).candidate
+    result = SweepResult(locate.strategy, candidates, trials, best, time.perf_counter() - start, len(sample),
+                         settings=settings)
+    if model_fingerprint and locate.cache:
+        write_json_atomic(path, result.to_dict())
+    return result
+
+
+def _n_trials(n: int, budgets: list[int], eta: int) -> int:
+    total = 0
+    for _ in budgets:
+        total += n
+        n = math.ceil(n / eta)
+    return total
+
+
+def _cache_key(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> str:
+    from ftedit.outputs import request_hash
+
+    payload = json.dumps({"model": fingerprint, "settings": settings,
+                          "edits": [request_hash(r) for r in sample]}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
+                    progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
+    """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest."""
+    result = sweep(model, tok, requests, config, progress=progress, model_fingerprint=model_fingerprint,
+                   per_model_cache=True)
+    chosen = copy.deepcopy(config)
+    chosen.params.layers = str(result.best.layer)
+    chosen.params.modules = result.best.module
+    logger.info("location: layer %d, %s (trial edit score %.1f, %s search over %d candidates, %.0fs%s)",
+                result.best.layer, result.best.module, result.best_metrics()["edit_score"], result.strategy,
+                len(result.candidates), result.seconds, ", cached" if result.cached else "")
+    record = {"source": "auto", "layer": result.best.layer, "module": result.best.module,
+              "strategy": result.strategy, "cached": result.cached, "n_candidates": len(result.candidates),
+              "n_trials": len(result.trials), "trial_metrics": result.best_metrics(), "seconds": result.seconds}
+    return chosen, record
+
+
+# -- reports -------------------------------------------------------------------------------------------------
+
+
+def table_rows(result: SweepResult) -> list[dict[str, Any]]:
+    rows = [{"layer": t.candidate.layer, "module": t.candidate.module, "epochs": t.epochs,
+             **{m: round(t.metrics[m], 2) for m in METRICS}, "seconds": round(t.seconds, 1)}
+            for t in result.trials]
+    return sorted(rows, key=lambda r: (-r["epochs"], -r["edit_score"]))
+
+
+def markdown_table(result: SweepResult) -> str:
+    head = "| layer | module | epochs | ES | PS | NS | score | s |\n|---|---|---|---|---|---|---|---|\n"
+    body = "".join(f"| {r['layer']} | {r['module']} | {r['epochs']} | {r['efficacy']:.1f} | "
+                   f"{r['generalization']:.1f} | {r['locality']:.1f} | {r['edit_score']:.1f} | {r['seconds']:.0f} |\n"
+                   for r in table_rows(result))
+    return head + body
+
+
+def csv_table(result: SweepResult) -> str:
+    rows = table_rows(result)
+    cols = list(rows[0])
+    return "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"
+
+
+def heatmap_png(result: SweepResult, title: str = "") -> bytes:
+    """Layer x module heatmap of edit score at each candidate's largest budget (blank: pruned early)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({c.layer for c in result.candidates})
+    modules = list(dict.fromkeys(c.module for c in result.candidates))
+    final_budget = max(t.epochs for t in result.trials)
+    grid = np.full((len(layers), len(modules)), np.nan)
+    for t in result.final_trials():
+        grid[layers.index(t.candidate.layer), modules.index(t.candidate.module)] = t.metrics["edit_score"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(modules) + 2.5, 0.38 * len(layers) + 1.8))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            trial = next(t for t in result.final_trials() if t.candidate == Candidate(layers[i], modules[j]))
+            mark = "" if trial.epochs == final_budget else "*"
+            ax.text(j, i, f"{v:.0f}{mark}", ha="center", va="center", fontsize=8,
+                    color="white" if v < np.nanmax(grid) * 0.7 else "black")
+    best = result.best
+    ax.add_patch(plt.Rectangle((modules.index(best.module) - 0.5, layers.index(best.layer) - 0.5), 1, 1,
+                               fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(modules)), modules)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    note = " (* = pruned before the full budget)" if result.strategy == "halving" else ""
+    ax.set_title((title + "\n" if title else "") + f"edit score, {result.strategy} sweep{note}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="edit score")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out_dir: str | Path, result: SweepResult, identity: dict[str, Any] | None = None,
+                 title: str = "") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "sweep.json", {"model": identity, **result.to_dict()})
+    write_bytes_atomic(out / "sweep.md", markdown_table(result).encode())
+    write_bytes_atomic(out / "sweep.csv", csv_table(result).encode())
+    write_bytes_atomic(out / "heatmap.png", heatmap_png(result, title))
+    return out

@@ -1,0 +1,132 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ftedit import locate
+from ftedit.cli import app
+from ftedit.config import ConfigError, resolve_config
+from ftedit.editor import edit
+from ftedit.locate import Candidate, candidates_for, halving_budgets, sweep, write_report
+from ftedit.outputs import build_manifest
+from test_editor import REQUESTS
+
+
+def _config(**locate_over):
+    over = {"train": {"epochs": 9, "batch_size": 3, "lr": 1e-2},
+            "locate": {"layers": "-2:", "modules": "down,attn", "n_edits": 3, **locate_over}}
+    return resolve_config("locft-bf", overrides=over)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_candidates_follow_the_model_structure(llama_model, gpt2_model):
+    cfg = resolve_config("locft-bf").locate
+    assert len(candidates_for(llama_model, cfg)) == 3 * 5
+    gpt2 = candidates_for(gpt2_model, cfg)  # GPT-2 has no gate projection
+    assert len(gpt2) == 3 * 4 and not any(c.module == "gate" for c in gpt2)
+    cfg.layer_stride = 2
+    assert sorted({c.layer for c in candidates_for(llama_model, cfg)}) == [0, 2]
+
+
+def test_halving_budgets_grow_by_eta_and_end_at_the_full_budget():
+    assert halving_budgets(25, 3, 3) == [3, 8, 25]
+    assert halving_budgets(9, 3, 2) == [3, 9]
+    assert halving_budgets(1, 3, 3) == [1]
+
+
+def test_exhaustive_sweep_tries_every_candidate_and_restores_the_model(llama_model, llama_tok):
+    before = _weights(llama_model)
+    result = sweep(llama_model, llama_tok, REQUESTS, _config(strategy="exhaustive"), progress=False)
+    assert {t.candidate for t in result.trials} == {Candidate(1, "down"), Candidate(1, "attn"),
+                                                    Candidate(2, "down"), Candidate(2, "attn")}
+    assert all(t.epochs == 9 for t in result.trials)
+    best = max(result.trials, key=lambda t: t.metrics["edit_score"])
+    assert result.best_metrics()["edit_score"] == best.metrics["edit_score"]
+    assert max(t.metrics["efficacy"] for t in result.trials) > 50  # the trials really edit
+    assert all(torch.equal(p, before[n]) for n, p in llama_model.named_parameters())
+
+
+def test_halving_gives_the_full_budget_only_to_the_best(llama_model, llama_tok, monkeypatch):
+    cfg = _config(strategy="halving", eta=2, rungs=2, modules="down,up,attn")
+    result = sweep(llama_model, llama_tok, REQUESTS, cfg, progress=False)
+    first = [t for t in result.trials if t.epochs == 4]  # round(9 / 2)
+    second = [t for t in result.trials if t.epochs == 9]
+    assert len(first) == 6 and len(second) == 3
+    top = sorted(first, key=locate._rank_key, reverse=True)[:3]
+    assert {t.candidate for t in second} == {t.candidate for t in top}
+    assert result.best in {t.candidate for t in second}
+
+
+def test_results_are_cached_per_model_and_settings(llama_model, llama_tok, monkeypatch):
+    cfg = _config(strategy="exhaustive", modules="down")
+    calls = []
+    real_trial = locate.run_trial
+    monkeypatch.setattr(locate, "run_trial", lambda *a, **k: calls.append(1) or real_trial(*a, **k))
+
+    def run(requests, **kw):
+        return sweep(llama_model, llama_tok, requests, cfg, progress=False, model_fingerprint="m1", **kw)
+
+    first = run(REQUESTS)
+    assert len(calls) == 2 and not first.cached
+    again = run(REQUESTS)
+    assert again.cached and again.best == first.best and len(calls) == 2
+    run(REQUESTS[:2])  # other edits: a new search
+    assert len(calls) == 4
+    run(REQUESTS, per_model_cache=True)  # params.layers=auto keys the cache by model and settings only
+    assert len(calls) == 6
+    assert run(REQUESTS[:2], per_model_cache=True).cached and len(calls) == 6
+    assert not sweep(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2").cached
+
+
+def test_layers_auto_edits_at_the_chosen_location_and_records_it(llama_model, llama_tok):
+    cfg = _config(strategy="exhaustive")
+    cfg.params.layers = "auto"
+    result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2")
+    loc = result.location
+    assert loc["source"] == "auto" and loc["n_candidates"] == 4
+    assert {t["layer"] for t in result.targets} == {loc["layer"]}
+    expected_roles = {"attn": {"q", "k", "v", "o"}, "down": {"down"}}[loc["module"]]
+    assert {t["role"] for t in result.targets} == expected_roles
+    manifest = build_manifest(result, REQUESTS, {"spec": "tiny"})
+    assert manifest["touched"]["location"] == loc and manifest["config"]["params"]["layers"] == str(loc["layer"])
+    assert cfg.params.layers == "auto"  # the caller's config is not mutated
+
+
+def test_report_files(tmp_path, llama_model, llama_tok):
+    result = sweep(llama_model, llama_tok, REQUESTS, _config(strategy="halving", eta=2, rungs=2), progress=False)
+    write_report(tmp_path, result, {"spec": "tiny"}, "tiny")
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["best"] == {"layer": result.best.layer, "module": result.best.module}
+    assert len(data["trials"]) == len(result.trials)
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sweep.md").read_text().count("\n") == len(result.trials) + 2
+    assert (tmp_path / "sweep.csv").read_text().startswith("layer,module,epochs,efficacy")
+
+
+def test_bad_locate_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="locate.strategy"):
+        resolve_config("locft-bf", overrides=["locate.strategy=random"])
+    with pytest.raises(ConfigError, match="eta"):
+        resolve_config("locft-bf", overrides=["locate.eta=1"])
+
+
+def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
+    path = tmp_path / "tiny"
+    llama_model.save_pretrained(path)
+    llama_tok.save_pretrained(path)
+    out = tmp_path / "sweep"
+    args = ["locate", "--model", str(path), "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+            "--n", "3", "--strategy", "both", "--set", "train.epochs=4", "--set", "train.lr=1e-2",
+            "--set", "locate.modules=down,up", "--set", "locate.layers=-2:", "--set", "locate.eta=2",
+            "--set", "locate.rungs=2", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "recommended: --set params.layers=" in result.output and "halving picked" in result.output
+    for name in ("halving", "exhaustive"):
+        assert (out / name / "heatmap.png").exists() and (out / name / "sweep.json").exists()
+    bad = CliRunner().invoke(app, args[:-3] + ["--strategy", "random", "--out", str(out), "--no-progress"])
+    assert bad.exit_code != 0 and "--strategy" in str(bad.exception)
