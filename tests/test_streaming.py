@@ -61,3 +61,8 @@ def test_replay_trains_a_sample_of_earlier_edits_with_each_batch(monkeypatch, ll
 def test_stream_needs_mass_mode(llama_model, llama_tok):
     with pytest.raises(ValueError, match="mode=mass"):
         StreamingEditor(llama_model, llama_tok, _config(mode="sequential"))
+
+
+def test_stream_needs_fixed_layers(llama_model, llama_tok):
+    with pytest.raises(ValueError, match="ftedit locate"):
+        StreamingEditor(llama_model, llama_tok, _config(params={"layers": "auto"}))

@@ -183,4 +183,4 @@ def check_conflicts(earlier: Sequence[LedgerEntry], requests: Sequence[EditReque
 
 
 __all__ = ["Conflict", "ContradictionError", "LedgerEntry", "LedgerError", "check_conflicts", "config_hash",
-           "find_conflicts", "find_ledger", "new_entries", "read_ledger", "write_ledger"]
+           "find_conflicts", "find_ledger", "history_digest", "new_entries", "read_ledger", "write_ledger"]

@@ -79,6 +79,9 @@ class StreamingEditor:
         self.stream.validate()
         if self.config.mode != "mass":
             raise ValueError("a stream trains each batch breadth-first: use mode=mass in the edit config")
+        if self.config.params.layers == "auto":
+            raise ValueError("params.layers=auto picks layers from a batch of edits; a stream fixes them up front: "
+                             "run `ftedit locate` on a sample and set params.layers (and params.modules)")
         self._rng = random.Random(self.stream.seed)
         targets = select_targets(self.model, self.config.params.layers, self.config.params.modules)
         self._attached = attach(self.model, targets, self.config.params)
