@@ -274,9 +274,9 @@ def _checkpointed_blocks(model, enabled: bool, prefix_layers: int):
 
 def _epoch_plan(rng: random.Random, lengths: list[int], cfg: TrainConfig) -> list[list[list[int]]]:
     """One epoch: optimizer steps, each a list of micro-batches of example indices, every example once."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
     if not cfg.group_by_length:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
         batches = _chunks(order, cfg.batch_size)
     else:
         from transformers.trainer_pt_utils import get_length_grouped_indices
