@@ -1,5 +1,6 @@
 """The same `ftedit edit` under a 2-process launcher (gloo on CPU) ends at the single-process weights."""
 
+import json
 import os
 import socket
 import subprocess
@@ -27,7 +28,7 @@ def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data
     llama_tok.save_pretrained(base)
     # 5 edits in micro-batches of 2: the last batch has one example, so one process gets none
     args = ["edit", "--model", str(base), "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
-            "--recipe", "locft-bf", "--no-eval", "--no-progress", "--set", "train.epochs=4",
+            "--recipe", "locft-bf", "--no-progress", "--set", "train.epochs=4",
             "--set", "train.batch_size=2", "--set", "train.lr=1e-2", "--set", "params.layers=-2:"]
     single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
@@ -46,6 +47,9 @@ def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data
     assert changed, "the edit changed nothing"
     for k in one:  # gradients summed across processes: equal up to float summation order
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    evaluation = json.loads((tmp_path / "two" / "manifest.json").read_text())["evaluation"]
+    assert evaluation["post"]["efficacy"] == json.loads((tmp_path / "one" / "manifest.json").read_text())[
+        "evaluation"]["post"]["efficacy"]
 
 
 def test_quantized_base_weights_need_cuda_and_lora(tmp_path, llama_model, llama_tok, data_dir):

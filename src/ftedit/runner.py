@@ -65,9 +65,8 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     _check_out_dir(out, model)
     _check_existing(out, overwrite, resume)
     parallel = DataParallel()
-    if parallel.distributed:  # under accelerate launch: one device per process; rank 0 evaluates and saves
+    if parallel.distributed:  # under a launcher: one device per process; rank 0 evaluates the result and saves
         device = device or str(parallel.device)
-        evaluate = evaluate and parallel.is_main
     cfg = resolve_config(recipe, config_file, overrides)
     if quantize and (cfg.params.method != "lora" or save == "model"):
         raise ValueError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
@@ -87,7 +86,9 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
     torch.manual_seed(cfg.train.seed)
     base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
-    pre = evaluate_requests(base, tok, loaded.requests, progress=progress) if evaluate else None
+    # every process scores the unedited model, so that none waits at the first gradient sum for longer
+    # than the process group's timeout while rank 0 evaluates
+    pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main) if evaluate else None
     checkpoints = None
     if cfg.mode != "single":
         fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
