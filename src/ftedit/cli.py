@@ -68,9 +68,15 @@ def edit_command(
     save: Annotated[str, typer.Option(help="model | adapter | none.")] = "model",
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate before and after editing.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda, ..., or auto: layers spread over all GPUs (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    quantize: Annotated[str | None, typer.Option(
+        help="4bit | 8bit base weights (bitsandbytes, CUDA only) for LoRA edits of large models.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT/checkpoint.")] = False,
+    on_conflict: Annotated[str, typer.Option(help="Edits contradicting the model's ledger: warn | error | ignore.")]
+    = "warn",
 ) -> None:
     """Edit a model by fine-tuning and write the edited model, its manifest and (optionally) its evaluation."""
     from ftedit.runner import run_edit
@@ -78,7 +84,29 @@ def edit_command(
     overrides = (set_ or []) + ([f"params.layers={layers}"] if layers else [])
     run_edit(data=data, out=out, model=model, recipe=recipe, config_file=config, overrides=overrides,
              pool=pool, n=n, offset=offset, skip_invalid=skip_invalid, save=save, evaluate=evaluate,
-             overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console)
+             overwrite=overwrite, device=device, dtype=dtype, progress=progress, console=console,
+             resume=resume, on_conflict=on_conflict, quantize=quantize)
+
+
+@app.command("ledger")
+def ledger_command(
+    path: Annotated[Path, typer.Argument(help="An edit's output directory, its model/ directory or a ledger file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per edit instead of a table.")] = False,
+) -> None:
+    """List the edits a model carries, oldest first (from its ledger.jsonl)."""
+    from ftedit.ledger import read_ledger
+
+    entries = read_ledger(path)
+    if as_json:
+        for e in entries:
+            typer.echo(e.to_json())
+        return
+    table = Table(title=f"{len(entries)} edits in {path}")
+    for column in ("#", "hash", "subject", "prompt -> target", "recipe", "run", "time"):
+        table.add_column(column, no_wrap=column in ("hash", "run", "time"))
+    for i, e in enumerate(entries, start=1):
+        table.add_row(str(i), e.hash, e.subject, f"{e.prompt} -> {e.target_new}", e.recipe, e.run, e.time)
+    console.print(table)
 
 
 @app.command("bench")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ftedit.augment import build_training_set
+from ftedit.checkpoint import Checkpoints
 from ftedit.config import EditConfig, ParamConfig
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
@@ -56,6 +57,11 @@ def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attache
     """Make exactly the selected weights trainable, directly or through LoRA adapters."""
     if cfg.method == "lora":
         return _attach_lora(model, targets, cfg)
+    from ftedit.models import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("the base weights are quantized (4/8-bit) and cannot be fine-tuned directly: "
+                         "train LoRA adapters on them (params.method=lora)")
     params = trainable_parameters(targets)
     freeze_all_but(model, params)
     constraint = NormConstraint(params, cfg.norm_constraint) if cfg.norm_constraint > 0 else None
@@ -127,13 +133,18 @@ def edit(
     evaluate_single: Callable[[nn.Module, Any, list[EditRequest]], dict[str, Any]] | None = None,
     progress: bool = True,
     model_fingerprint: str = "",
+    checkpoints: Checkpoints | None = None,
 ) -> EditResult:
     """Write ``requests`` into ``model`` by fine-tuning, as ``config`` says. Edits ``model`` in place.
 
     In single mode each edit is trained on the original weights, measured with ``evaluate_single``
     (default: the COUNTERFACT/ZsRE harness), and undone before the next one.
+    ``checkpoints`` (mass and sequential modes): save resumable training state, and resume from it.
     """
     config.validate()
+    if checkpoints is not None and config.mode == "single":
+        raise ValueError("checkpoints/--resume apply to mass and sequential modes; single mode trains each edit "
+                         "for a few steps on a fresh model")
     requests = list(requests)
     if not requests:
         raise ValueError("no edit requests")
@@ -159,7 +170,8 @@ def edit(
 
     t1 = time.perf_counter()
     try:
-        runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress)
+        runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress,
+                                 checkpoints)
     except BaseException:
         _detach(attached)  # a failed edit leaves the caller's model as it was
         raise
@@ -182,19 +194,23 @@ def _examples_for(examples: list[TrainingExample], request_ids: set[int]) -> lis
     return [e for e in examples if e.request_index in request_ids]
 
 
-def _train(attached: Attached, tok, examples, config: EditConfig, progress: bool) -> TrainResult:
+def _train(attached: Attached, tok, examples, config: EditConfig, progress: bool, checkpoint=None) -> TrainResult:
     return train(attached.model, tok, examples, list(attached.params.values()), config.train, config.objective,
-                 after_step=attached.after_step, progress=progress, prefix_layers=attached.first_layer)
+                 after_step=attached.after_step, progress=progress, prefix_layers=attached.first_layer,
+                 checkpoint=checkpoint)
 
 
-def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_single, progress):
+def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_single, progress, checkpoints=None):
+    def run_checkpoint(run: int):
+        return checkpoints.for_run(run) if checkpoints is not None else None
+
     if config.mode == "mass":
-        return [_train(attached, tok, examples, config, progress)], []
+        return [_train(attached, tok, examples, config, progress, run_checkpoint(0))], []
     if config.mode == "sequential":
         runs = []
-        for start in range(0, len(requests), config.sequential_batch):
+        for run, start in enumerate(range(0, len(requests), config.sequential_batch)):
             ids = set(range(start, min(start + config.sequential_batch, len(requests))))
-            runs.append(_train(attached, tok, _examples_for(examples, ids), config, progress))
+            runs.append(_train(attached, tok, _examples_for(examples, ids), config, progress, run_checkpoint(run)))
         return runs, []
     if evaluate_single is None:
         from ftedit.evaluate import evaluate_requests

@@ -177,32 +177,70 @@ def prepare_tokenizer(tok):
     return tok
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
+    """bitsandbytes 4-bit (NF4, double quantization) or 8-bit base weights, for LoRA edits of large models on GPU."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: use one of {QUANTIZATIONS}")
+    if device.type != "cuda":
+        raise ModelLoadError(f"{quantize} base weights need a CUDA GPU (bitsandbytes kernels); this load is on "
+                             f"{device}. On CPU load the model unquantized (leave --quantize out)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError(f"{quantize} base weights need bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def is_quantized(model) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_loaded_in_4bit", False)
+                                                                    or getattr(model, "is_loaded_in_8bit", False))
+
+
 def load_model(
     spec: str = "demo",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantize: str | None = None,
 ):
     """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name.
 
     Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU.
+    ``device="auto"`` spreads the layers over all GPUs (and CPU) with accelerate's ``device_map="auto"``,
+    for models that do not fit one GPU. ``quantize="4bit"``/``"8bit"`` loads the base weights through
+    bitsandbytes (CUDA only); train LoRA adapters on them (``params.method=lora``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
+    spread = str(device) == "auto"
+    device = default_device() if spread or device is None else torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
     source, name_or_path, fingerprint = _resolve(spec)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
+    placement: dict[str, Any] = {}
+    if quantize:
+        placement["quantization_config"] = quantization_config(quantize, device, torch_dtype)
+    if spread or quantize:  # placed at load time: quantized weights cannot be moved with .to()
+        placement["device_map"] = "auto" if spread else {"": device.index or 0}
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs, **placement)
     except OSError as e:
         hint = " (the Hugging Face hub is unreachable from this machine?)" if source == "hub" else ""
         raise ModelLoadError(f"could not load model {spec!r}{hint}: {e}") from e
-    model.to(device)
+    if "device_map" not in placement:
+        model.to(device)
     model.eval()
     identity = ModelIdentity(
         spec=spec,
@@ -212,6 +250,7 @@ def load_model(
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(torch_dtype).replace("torch.", ""),
         fingerprint=fingerprint,
+        extra={k: v for k, v in {"quantize": quantize, "device_map": placement.get("device_map")}.items() if v},
     )
     return model, prepare_tokenizer(tok), identity
 

@@ -11,6 +11,7 @@ from ftedit import __version__
 from ftedit.atomic import atomic_directory, write_json_atomic
 from ftedit.config import save_config
 from ftedit.data.requests import EditRequest
+from ftedit.ledger import LEDGER_NAME, LedgerEntry, new_entries, write_ledger
 
 
 def request_hash(request: EditRequest) -> str:
@@ -41,9 +42,20 @@ def build_manifest(result, requests: Sequence[EditRequest], base_identity: dict[
     }
 
 
+def ledger_entries(result, manifest: dict[str, Any], history: Sequence[LedgerEntry] = ()) -> list[LedgerEntry]:
+    """Ledger lines for the edits in ``manifest`` (written into ``manifest["base_model"]`` after ``history``)."""
+    requests = [EditRequest.from_dict({k: v for k, v in e.items() if k != "hash"}) for e in manifest["edits"]]
+    return new_entries(requests, method=result.config.params.method, recipe=result.config.recipe,
+                       config=result.config.to_dict(), parent=manifest.get("base_model", {}), earlier=history)
+
+
 def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: str = "model",
-              overwrite: bool = False) -> Path:
-    """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``) or neither (``"none"``)."""
+              overwrite: bool = False, history: Sequence[LedgerEntry] = ()) -> Path:
+    """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``) or neither (``"none"``).
+
+    With a model or adapter, ``ledger.jsonl`` lists ``history`` (the base model's ledger) and then this
+    edit's requests, both in the output directory and inside the model/adapter directory.
+    """
     with atomic_directory(out_dir, overwrite) as tmp:
         if save == "model":
             model = result.merged_model()
@@ -55,6 +67,10 @@ def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: 
             result.model.save_pretrained(tmp / "adapter")
         elif save != "none":
             raise ValueError(f"unknown save mode {save!r}: use model, adapter or none")
+        if save != "none":  # a ledger lists the edits a saved model carries; with nothing saved there is none
+            entries = ledger_entries(result, manifest, history)
+            for where in (tmp, tmp / save):
+                write_ledger(where / LEDGER_NAME, history, entries)
         save_config(result.config, tmp / "config.yaml")
         write_json_atomic(tmp / "manifest.json", manifest)
     return Path(out_dir)

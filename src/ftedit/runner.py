@@ -10,16 +10,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ftedit.checkpoint import Checkpoints, run_fingerprint
 from ftedit.config import resolve_config
 from ftedit.data.loaders import load_pool_facts, load_requests
+from ftedit.distributed import DataParallel
 from ftedit.editor import edit
 from ftedit.evaluate import compare, evaluate_requests
+from ftedit.ledger import check_conflicts, find_ledger
 from ftedit.models import load_model
-from ftedit.outputs import build_manifest, save_edit
+from ftedit.outputs import build_manifest, request_hash, save_edit
 
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("efficacy", "generalization", "locality", "edit_score")
+CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
 
 
 def _check_out_dir(out: Path, model_spec: str) -> None:
@@ -27,6 +31,20 @@ def _check_out_dir(out: Path, model_spec: str) -> None:
     target = out.resolve()
     if base.exists() and (target == base or base.is_relative_to(target) or target.is_relative_to(base)):
         raise ValueError(f"--out {out} would overwrite the base model at {base}; choose another directory")
+
+
+def _check_existing(out: Path, overwrite: bool, resume: bool) -> None:
+    """An existing --out is replaced only with --overwrite, or continued with --resume if it holds a checkpoint."""
+    if not out.exists():
+        if resume:
+            logger.warning("--resume: %s does not exist; starting from the beginning", out)
+        return
+    if (out / "manifest.json").is_file() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists (a finished edit); pass --overwrite to replace it")
+    if resume or overwrite:
+        return
+    hint = " or --resume to continue it" if (out / CHECKPOINT_DIR).is_dir() else ""
+    raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{hint}")
 
 
 def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
@@ -41,11 +59,14 @@ def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
 
 
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
-             evaluate, overwrite, device, dtype, progress, console: Console) -> dict:
+             evaluate, overwrite, device, dtype, progress, console: Console, resume: bool = False,
+             on_conflict: str = "warn", quantize: str | None = None) -> dict:
     from ftedit.config import recipe_names
     from ftedit.methods import BASELINES
 
     if recipe in BASELINES and recipe not in recipe_names():  # rome, memit, alphaedit: no recipe config
+        if resume or quantize:
+            raise ValueError(f"--resume and --quantize apply to fine-tuning recipes, not to {recipe}")
         from ftedit.baselines.run import run_baseline_edit
 
         return run_baseline_edit(data=data, out=out, model=model, recipe=recipe, config_file=config_file,
@@ -54,9 +75,14 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
                                  progress=progress, console=console)
     out = Path(out)
     _check_out_dir(out, model)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    _check_existing(out, overwrite, resume)
+    parallel = DataParallel()
+    if parallel.distributed:  # under a launcher: one device per process; rank 0 evaluates the result and saves
+        device = device or str(parallel.device)
     cfg = resolve_config(recipe, config_file, overrides)
+    if quantize and (cfg.params.method != "lora" or save == "model"):
+        raise ValueError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
+                         "(--set params.method=lora) and save them with --save adapter")
     if cfg.mode == "single" and save != "none":
         logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
                        "writing the manifest and per-edit metrics only")
@@ -68,13 +94,23 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     for issue in loaded.skipped:
         logger.warning("skipped: %s", issue)
     facts = load_pool_facts(pool) if pool else None
+    history = find_ledger(model)
+    check_conflicts(history, loaded.requests, on_conflict, source=str(data))
     torch.manual_seed(cfg.train.seed)
-    base, tok, identity = load_model(model, device=device, dtype=dtype)
-    pre = evaluate_requests(base, tok, loaded.requests, progress=progress) if evaluate else None
+    base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
+    # every process scores the unedited model, so that none waits at the first gradient sum for longer
+    # than the process group's timeout while rank 0 evaluates
+    pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main) if evaluate else None
+    checkpoints = None
+    if cfg.mode != "single":
+        fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
+        checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, cfg.train.checkpoint_every, resume=resume)
     start = time.perf_counter()
     result = edit(base, tok, loaded.requests, cfg, pool=facts, progress=progress,
-                  model_fingerprint=identity.fingerprint)
+                  model_fingerprint=identity.fingerprint, checkpoints=checkpoints)
     wall = time.perf_counter() - start
+    if not parallel.is_main:
+        return {}
     extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
              "pool": pool, "wall_seconds": wall}
     if evaluate and cfg.mode != "single":
@@ -84,7 +120,8 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     elif cfg.mode == "single":
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": result.single_edit_metrics}
     manifest = build_manifest(result, loaded.requests, identity.to_dict(), extra)
-    save_edit(out, result, tok, manifest, save=save, overwrite=overwrite)
+    # the directory may hold this run's checkpoint (checked above): the finished edit replaces it
+    save_edit(out, result, tok, manifest, save=save, overwrite=True, history=history)
     console.print(f"wrote {out} ({save}); {len(loaded.requests)} edits, "
                   f"{result.trainable_parameters:,} trainable parameters, {wall:.0f}s")
     return manifest

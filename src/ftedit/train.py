@@ -13,7 +13,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ftedit.checkpoint import RunCheckpoint
 from ftedit.data.examples import TrainingExample
+from ftedit.distributed import DataParallel
 from ftedit.forward import PrefixActivations, per_example_nll
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
@@ -52,6 +54,9 @@ class TrainConfig:
     steps_per_edit: int = 25  # depth-first: maximum optimizer steps for each edit
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16" or "no"
     cache_activations: bool = True  # run the frozen blocks below the first trainable one once, not every step
+    group_by_length: bool = False  # breadth: batches of similar length (less padding), batch order still shuffled
+    gradient_checkpointing: bool = False  # recompute the trainable blocks' activations in backward (less memory)
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (when a checkpoint dir is given)
     seed: int = 0
 
 
@@ -167,10 +172,11 @@ class Stepper:
     """Optimizer, schedule, clipping and the FT-L constraint: one ``step()`` per optimizer update."""
 
     def __init__(self, params: list[nn.Parameter], cfg: TrainConfig, total_steps: int,
-                 after_step: Callable[[], None] | None = None):
+                 after_step: Callable[[], None] | None = None, parallel: DataParallel | None = None):
         from transformers import get_scheduler
 
         self.params, self.cfg, self.after_step = params, cfg, after_step
+        self.parallel = parallel or DataParallel()
         self.opt = make_optimizer(params, cfg)
         total = max(1, total_steps)
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
@@ -181,9 +187,14 @@ class Stepper:
         """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once."""
         total = 0.0
         for idx in micro_batches:
-            loss = batch_loss(score, idx, objective, ref)
-            (loss / len(micro_batches)).backward()
-            total += loss.item()
+            # each process takes its share of the micro-batch; its loss is weighted by that share so that
+            # the summed gradients are those of the whole micro-batch (what DDP computes)
+            local = self.parallel.shard(idx)
+            if local:
+                loss = batch_loss(score, local, objective, ref) * (len(local) / len(idx))
+                (loss / len(micro_batches)).backward()
+                total += loss.item()
+        total = self.parallel.sum_gradients(self.params, total)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.opt.step()
@@ -201,69 +212,155 @@ def _chunks(items: list, size: int) -> list[list]:
 
 def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Parameter], cfg: TrainConfig,
           objective: ObjectiveConfig, after_step: Callable[[], None] | None = None,
-          progress: bool = True, prefix_layers: int = 0) -> TrainResult:
+          progress: bool = True, prefix_layers: int = 0, checkpoint: RunCheckpoint | None = None) -> TrainResult:
     """Fine-tune ``params`` of ``model`` on ``examples``; everything else stays frozen.
 
     ``prefix_layers``: number of leading blocks that hold no trainable parameter; with
     ``cfg.cache_activations`` they run once instead of at every step.
+    ``checkpoint``: save resumable state every ``checkpoint.every`` optimizer steps, and continue from the
+    saved state when it is inside this run (or skip the run when the saved state is past it).
     """
     if not examples:
         raise ValueError("no training examples")
+    if cfg.pipeline not in ("breadth", "depth"):
+        raise ValueError(f"unknown pipeline {cfg.pipeline!r}; use 'breadth' or 'depth'")
+    if checkpoint is not None and (done := checkpoint.finished_result(params)) is not None:
+        logger.info("training run %d finished before the interruption: skipped", checkpoint.run)
+        return TrainResult(**done)
     device = next(model.parameters()).device
     encoded = encode_examples(tok, examples, objective)
     model.eval()  # editing is deterministic: no dropout
-    run = _train_breadth if cfg.pipeline == "breadth" else _train_depth if cfg.pipeline == "depth" else None
-    if run is None:
-        raise ValueError(f"unknown pipeline {cfg.pipeline!r}; use 'breadth' or 'depth'")
+    run = _train_breadth if cfg.pipeline == "breadth" else _train_depth
     start = time.perf_counter()
-    with _autocast(cfg, device):  # cache and DPO reference in the same precision as training
+    with _autocast(cfg, device), _checkpointed_blocks(model, cfg.gradient_checkpointing, prefix_layers):
+        # cache and DPO reference in the same precision as training
         score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0,
                        cfg.batch_size)
         ref = reference_logps(score, cfg.batch_size) if objective.dpo_weight > 0 else {}
-        result = run(score, params, cfg, objective, ref, after_step, progress)
+        result = run(score, params, cfg, objective, ref, after_step, progress, checkpoint)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
+@contextmanager
+def _checkpointed_blocks(model, enabled: bool, prefix_layers: int):
+    """Activation (gradient) checkpointing of the trainable blocks through transformers.
+
+    transformers checkpoints a block only when the block is in training mode; editing keeps dropout off,
+    so only the blocks' own ``training`` flag is set, not their submodules'.
+    """
+    if not enabled:
+        yield
+        return
+    from ftedit.forward import _unwrap
+    from ftedit.params import find_blocks
+
+    lm = _unwrap(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(lm).__name__} does not support gradient checkpointing (train.gradient_checkpointing)")
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    disable = getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable
+    enable()
+    blocks = list(find_blocks(lm)[1])[prefix_layers:]
+    for block in blocks:
+        block.training = True
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.training = False
+        disable()
+
+
+def _epoch_plan(rng: random.Random, lengths: list[int], cfg: TrainConfig) -> list[list[list[int]]]:
+    """One epoch: optimizer steps, each a list of micro-batches of example indices, every example once."""
+    if not cfg.group_by_length:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        batches = _chunks(order, cfg.batch_size)
+    else:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        # mega-batches of a random permutation sorted by length (transformers' group_by_length), then the
+        # batches themselves shuffled, so that no length comes systematically early or late in an epoch
+        generator = torch.Generator().manual_seed(rng.getrandbits(63))
+        grouped = get_length_grouped_indices(lengths, cfg.batch_size, generator=generator)
+        batches = _chunks(grouped, cfg.batch_size)
+        rng.shuffle(batches)
+    return _chunks(batches, cfg.grad_accum)
+
+
+def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress,
+                   checkpoint: RunCheckpoint | None = None) -> TrainResult:
     rng = random.Random(cfg.seed)
     n = len(score.encoded)
+    lengths = [len(e.chosen.input_ids) for e in score.encoded]
     steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
     stepper = Stepper(params, cfg, cfg.epochs * steps_per_epoch, after_step)
     result = TrainResult()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="edit (breadth-first)", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        losses = []
-        for group in _chunks(_chunks(order, cfg.batch_size), cfg.grad_accum):
+    saved = checkpoint.restore(params, stepper, rng) if checkpoint else None
+    first_epoch, plan, done, losses = 0, None, 0, []
+    if saved:
+        first_epoch, plan, done, losses = saved["epoch"], saved["plan"], saved["done"], saved["losses"]
+        result.loss_history, result.epochs_run = saved["loss_history"], saved["epoch"]
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=stepper.steps, desc="edit (breadth-first)", unit="step",
+               disable=not progress)
+    for epoch in range(first_epoch, cfg.epochs):
+        plan = plan or _epoch_plan(rng, lengths, cfg)
+        for group in plan[done:]:
             losses.append(stepper.accumulate(score, group, objective, ref))
+            done += 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
+            if checkpoint and stepper.steps % checkpoint.every == 0 and stepper.parallel.is_main:
+                checkpoint.save(params, stepper, rng, {"epoch": epoch, "plan": plan, "done": done, "losses": losses,
+                                                       "loss_history": result.loss_history})
         result.loss_history.append(sum(losses) / len(losses))
         result.epochs_run = epoch + 1
+        plan, done, losses = None, 0, []
         if result.loss_history[-1] < cfg.loss_threshold:
             result.stopped_early = True
             break
     bar.close()
     result.steps, result.final_loss = stepper.steps, result.loss_history[-1]
+    _finish(checkpoint, params, stepper, rng, result)
     return result
 
 
-def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress) -> TrainResult:
-    """Each edit (with its own augmentation) for up to ``steps_per_edit`` optimizer steps, one edit after another."""
+def _finish(checkpoint: RunCheckpoint | None, params, stepper: Stepper, rng, result: TrainResult) -> None:
+    if checkpoint and stepper.parallel.is_main:
+        checkpoint.finish(params, stepper, rng, dict(vars(result)))
+
+
+def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_step, progress,
+                 checkpoint: RunCheckpoint | None = None) -> TrainResult:
+    """Each edit (with its own augmentation) for up to ``steps_per_edit`` optimizer steps, one edit after another.
+
+    Checkpoints fall between edits (every ``checkpoint.every`` optimizer steps, at the next edit boundary).
+    """
     groups: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(score.encoded):
         groups[e.group].append(i)
     stepper = Stepper(params, cfg, len(groups) * cfg.steps_per_edit, after_step)
+    rng = random.Random(cfg.seed)
     result = TrainResult(epochs_run=1)
-    for _, idx in tqdm(sorted(groups.items()), desc="edit (depth-first)", unit="edit", disable=not progress):
+    saved = checkpoint.restore(params, stepper, rng) if checkpoint else None
+    done = saved["done"] if saved else 0
+    result.loss_history = saved["loss_history"] if saved else []
+    last_saved = stepper.steps
+    items = sorted(groups.items())
+    for _, idx in tqdm(items[done:], desc="edit (depth-first)", unit="edit", disable=not progress):
         for _ in range(cfg.steps_per_edit):
             last = stepper.accumulate(score, _chunks(idx, cfg.batch_size), objective, ref)
             if last < cfg.loss_threshold:
                 break
         result.loss_history.append(last)
+        done += 1
+        if checkpoint and stepper.steps - last_saved >= checkpoint.every and stepper.parallel.is_main:
+            checkpoint.save(params, stepper, rng, {"done": done, "loss_history": result.loss_history})
+            last_saved = stepper.steps
     result.steps, result.final_loss = stepper.steps, result.loss_history[-1]
+    _finish(checkpoint, params, stepper, rng, result)
     return result
 
 

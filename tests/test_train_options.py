@@ -1,0 +1,67 @@
+"""Training options: length grouping keeps epochs breadth-first with less padding; gradient checkpointing is exact."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from ftedit.data.examples import TrainingExample
+from ftedit.editor import edit
+from ftedit.evaluate import evaluate_requests
+from ftedit.train import ObjectiveConfig, TrainConfig, _epoch_plan, train
+from test_editor import REQUESTS, _config
+
+
+def _padding(plan, lengths) -> int:
+    return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch)
+               for step in plan for batch in step)
+
+
+def test_length_grouped_epochs_cover_every_example_once_with_less_padding():
+    lengths = [random.Random(i).randint(5, 40) for i in range(300)]
+    grouped_cfg = TrainConfig(batch_size=8, grad_accum=2, group_by_length=True)
+    plain_cfg = TrainConfig(batch_size=8, grad_accum=2)
+    grouped = [_epoch_plan(random.Random(0), lengths, grouped_cfg) for _ in range(2)]
+    plain = _epoch_plan(random.Random(0), lengths, plain_cfg)
+    for plan in (grouped[0], plain):
+        flat = [i for step in plan for batch in step for i in batch]
+        assert sorted(flat) == list(range(len(lengths)))
+        assert all(len(step) <= 2 and all(len(b) <= 8 for b in step) for step in plan)
+    assert grouped[0] == grouped[1]  # same seed, same plan (resume relies on it)
+    assert _padding(grouped[0], lengths) < 0.5 * _padding(plain, lengths)
+    # batch order is shuffled: lengths do not run from long to short through the epoch
+    first_lengths = [max(lengths[i] for i in step[0]) for step in grouped[0]]
+    assert first_lengths != sorted(first_lengths, reverse=True)
+
+
+def test_length_grouped_training_still_writes_the_edits(llama_model, llama_tok):
+    result = edit(llama_model, llama_tok, REQUESTS, _config(train={"group_by_length": True, "batch_size": 2}),
+                  progress=False)
+    assert evaluate_requests(result.model, llama_tok, REQUESTS, progress=False).summary["efficacy"] == 100.0
+
+
+@pytest.mark.parametrize("prefix_layers", [0, 1])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_weights(llama_model, llama_tok, prefix_layers):
+    examples = [TrainingExample(r.prompt, r.target_new, request_index=i) for i, r in enumerate(REQUESTS)]
+    weights, calls = {}, {}
+    for checkpointing in (False, True):
+        model = copy.deepcopy(llama_model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [model.model.layers[i].mlp.down_proj.weight for i in (1, 2)]
+        for p in params:
+            p.requires_grad_(True)
+        count = []
+        # a pre-hook: the recompute stops early, once the tensors backward needs exist (before the MLP returns)
+        model.model.layers[2].mlp.register_forward_pre_hook(lambda *_, count=count: count.append(1))
+        cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, gradient_checkpointing=checkpointing)
+        steps = train(model, llama_tok, examples, params, cfg, ObjectiveConfig(), progress=False,
+                      prefix_layers=prefix_layers).steps
+        weights[checkpointing] = [p.detach().clone() for p in params]
+        calls[checkpointing] = len(count)
+        assert not any(block.training for block in model.model.layers)
+        assert not model.model.gradient_checkpointing
+    assert calls[True] == calls[False] + steps  # the block ran again in every backward pass
+    for a, b in zip(weights[True], weights[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
