@@ -238,7 +238,7 @@ def mean_keys(model, tok, requests: Sequence[EditRequest], prefixes: Sequence[st
 
 
 class _Injected(nn.Module):
-    """Replaces the blocks below the edit site: returns the cached hidden states entering the first live block."""
+    """Replaces the blocks below the edited layer: returns the cached hidden states entering the first live one."""
 
     def __init__(self, value: torch.Tensor, as_tuple: bool):
         super().__init__()
@@ -246,15 +246,6 @@ class _Injected(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return (self.value,) if self.as_tuple else self.value
-
-
-@dataclass
-class Site:
-    """Where the value delta is added: ``"down"`` = the output of layer ``layer``'s down projection (ROME),
-    ``"block"`` = the residual stream leaving block ``layer`` (MEMIT's z)."""
-
-    kind: str
-    layer: int
 
 
 def _hidden_entering(model, blocks: nn.ModuleList, k: int, ids, mask) -> tuple[torch.Tensor | None, bool]:
@@ -288,18 +279,18 @@ def _frozen(model: nn.Module):
 
 
 class ValueProblem:
-    """ROME's v* / MEMIT's z optimization for one request: find ``delta`` such that adding it at the site, at
-    the subject's last token of every prompt, makes the model say the new target (NLL), while the
+    """ROME's v* / MEMIT's z optimization for one request: find ``delta`` such that adding it to the output of
+    layer ``layer``'s down projection, at the subject's last token of every prompt, makes the model say the new target (NLL), while the
     next-token distribution after "{subject} is a" stays close to the original (KL) and ``delta`` stays small.
 
-    Blocks below the site are frozen and computed once (their outputs are cached), so each step runs only
-    the blocks from the site up and the LM head at the positions the loss needs.
+    Blocks below ``layer`` are frozen and computed once (their outputs are cached), so each step runs only
+    the blocks from ``layer`` up and the LM head at the positions the loss needs.
     """
 
-    def __init__(self, model, tok, request: EditRequest, prefixes: Sequence[str], site: Site,
+    def __init__(self, model, tok, request: EditRequest, prefixes: Sequence[str], layer: int,
                  reference_norm: float | None = None):
-        # the norm that weight decay and the clamp are relative to (default: the site's initial value's)
-        self.model, self.site, self.reference_norm = model, site, reference_norm
+        # the norm that weight decay and the clamp are relative to (default: the initial down output's)
+        self.model, self.layer, self.reference_norm = model, layer, reference_norm
         self.rewrite = rewrite_probes(tok, request, prefixes, request.target_new)
         self.essence = essence_probe(tok, request.subject)
         probes = self.rewrite + [self.essence]
@@ -309,38 +300,29 @@ class ValueProblem:
         self.cols = torch.tensor([p.position for p in probes], device=device)
         self.parts = lm_parts(model)  # verified with the real blocks in place
         _, self.blocks = find_blocks(model)
-        self.k = site.layer if site.kind == "down" else site.layer + 1
-        self.cached, self.as_tuple = _hidden_entering(model, self.blocks, self.k, self.batch.input_ids,
+        self.cached, self.as_tuple = _hidden_entering(model, self.blocks, layer, self.batch.input_ids,
                                                       self.batch.attention_mask)
-        self.initial: torch.Tensor | None = None  # the site's value at the bare prompt before any delta
+        self.initial: torch.Tensor | None = None  # the down output at the bare prompt before any delta
 
     @contextlib.contextmanager
     def _delta_applied(self, delta: torch.Tensor):
-        saved = [self.blocks[i] for i in range(self.k)]
-        handle = None
-        if self.site.kind == "block":
-            value = self.cached.index_put((self.rows, self.cols), self.cached[self.rows, self.cols] + delta)
+        saved = [self.blocks[i] for i in range(self.layer)]
+
+        def hook(mod, args, output):
             if self.initial is None:
-                self.initial = self.cached[0, self.cols[0]].float()
-        else:
-            value = self.cached
+                self.initial = output[0, self.cols[0]].detach().float()
+            return output.index_put((self.rows, self.cols), output[self.rows, self.cols] + delta)
 
-            def hook(mod, args, output):
-                if self.initial is None:
-                    self.initial = output[0, self.cols[0]].detach().float()
-                return output.index_put((self.rows, self.cols), output[self.rows, self.cols] + delta)
-
-            handle = down_proj(self.model, self.site.layer).module.register_forward_hook(hook)
-        injected = _Injected(value, self.as_tuple) if value is not None else None
-        for i in range(self.k):
+        handle = down_proj(self.model, self.layer).module.register_forward_hook(hook)
+        injected = _Injected(self.cached, self.as_tuple)
+        for i in range(self.layer):
             self.blocks[i] = injected
         try:
             yield
         finally:
             for i, block in enumerate(saved):
                 self.blocks[i] = block
-            if handle is not None:
-                handle.remove()
+            handle.remove()
 
     def log_probs(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(target-token log-probs, the row of each, log-softmax at the essence prompt's subject token)."""
@@ -359,9 +341,8 @@ class ValueProblem:
         return logp, rows, F.log_softmax(essence_logits, dim=-1)
 
     def solve(self, cfg: ValueConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Return (delta, the site's initial value at the bare prompt, a log of the final losses)."""
-        hidden_size = self.cached.shape[-1] if self.site.kind == "block" else \
-            weight_out_in(down_proj(self.model, self.site.layer).module).shape[0]
+        """Return (delta, the initial down output at the bare prompt, a log of the final losses)."""
+        hidden_size = weight_out_in(down_proj(self.model, self.layer).module).shape[0]
         delta = torch.zeros(hidden_size, device=self.batch.input_ids.device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.lr)
         n_rewrite = len(self.rewrite)

@@ -27,7 +27,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.baselines.common import (
-    Site,
     Snapshot,
     ValueConfig,
     ValueProblem,
@@ -91,7 +90,7 @@ def target_values(model, tok, requests: Sequence[EditRequest], prefixes: Sequenc
     zs, log = [], []
     for request in tqdm(requests, desc="target values", disable=not progress):
         residual = activations_at(model, tok, rewrite_probes(tok, request, [""], None), blocks[z_layer], "output")[0]
-        problem = ValueProblem(model, tok, request, prefixes, Site("down", z_layer), residual.norm().item())
+        problem = ValueProblem(model, tok, request, prefixes, z_layer, residual.norm().item())
         delta, initial, info = problem.solve(cfg)
         zs.append(residual + _mlp_contribution(post, initial + delta) - _mlp_contribution(post, initial))
         log.append(info)

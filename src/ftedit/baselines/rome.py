@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.baselines.common import (
-    Site,
     Snapshot,
     ValueConfig,
     ValueProblem,
@@ -85,7 +84,7 @@ def apply_rome_to_model(model: nn.Module, tok, requests: Sequence[EditRequest], 
     try:
         for request in tqdm(requests, desc="ROME", disable=not progress):
             key = mean_keys(model, tok, [request], prefixes, target.layer)[:, 0]
-            problem = ValueProblem(model, tok, request, prefixes, Site("down", target.layer))
+            problem = ValueProblem(model, tok, request, prefixes, target.layer)
             delta, _, info = problem.solve(hparams.value)
             weight = weight_out_in(target.module).detach()
             value = weight.double() @ key + delta.double()
