@@ -428,9 +428,12 @@ def describe_config(row: dict[str, Any]) -> str:
     t, prm, a, o = cfg["train"], cfg["params"], cfg["augment"], cfg["objective"]
     budget = (f"depth {t['steps_per_edit']} steps/edit" if t["pipeline"] == "depth" else
               f"breadth {t['epochs']} epochs")
-    aug = f"para {a['n_paraphrases']}" + (f" (bank {a['paraphrase_bank']})" if a["paraphrase_bank"] else "")
+    bank = a["paraphrase_bank"] and a["n_paraphrases"]
+    aug = f"para {a['n_paraphrases']}" + (f" (bank {a['paraphrase_bank']})" if bank else "")
     aug += f", rand {a['n_random']}, sim {a['n_similar']}"
-    parts = [cfg["mode"], f"layers {prm['layers']} {prm['modules']} ({prm['method']})", budget,
+    layers = sorted({t["layer"] for t in row.get("touched", [])})
+    where = f"layers {prm['layers']}" + (f" = {','.join(map(str, layers))}" if layers else "")
+    parts = [cfg["mode"], f"{where} {prm['modules']} ({prm['method']})", budget,
              f"bs {t['batch_size']}", f"{t['optimizer']} lr {t['lr']:g}",
              "masked" if o["conditional"] else "full likelihood", aug]
     if o["dpo_weight"]:
@@ -488,8 +491,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
              "|" + "|".join("---" if c in ("label", "method", "status") else "---:" for c in COLUMNS[:-1]) + "|"]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS[:-1]) + " |" for r in rows]
     lines += ["", "## Entry configurations", ""]
+    shared = list(cfg["overrides"])
     for row, r in zip(payload["rows"], rows, strict=True):
-        overrides = " ".join(row.get("overrides", []))
+        own = row.get("overrides", [])
+        overrides = " ".join(own[len(shared):] if own[:len(shared)] == shared else own)  # global ones are above
         lines.append(f"- **{r['label']}**: `{r['method']}`" + (f" `{overrides}`" if overrides else "")
                      + f" -> {r['config']}")
     return "\n".join(lines) + "\n"
@@ -536,7 +541,7 @@ def render_plot(payload: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 105)
     ax.set_ylabel("percent")
     ax.set_title(f"{payload['config']['model']}: {payload['config']['n_requests']} edits")
-    ax.legend(ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
