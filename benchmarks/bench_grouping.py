@@ -33,7 +33,7 @@ def main() -> None:
     model, tok, _ = load_model(args.model)
     requests = load_requests(args.data, n=args.n).requests
     for grouped in (False, True):
-        cfg = resolve_config("locft-bf", overrides=[f"train.epochs={args.epochs}",
+        cfg = resolve_config("locft-bf", overrides=[f"train.epochs={args.epochs}", "params.layers=-3",
                                                     f"train.group_by_length={grouped}", *args.overrides])
         result = edit(model, tok, requests, cfg, progress=False)
         seconds = result.seconds["train"]

@@ -77,7 +77,7 @@ def main() -> None:
     else:
         model, tok, _ = load_model(args.model)
     requests = load_requests(args.data, n=args.n).requests
-    cfg = resolve_config("locft-bf", overrides=[f"train.epochs={args.epochs}"] + (["params.layers=-1"] if args.tiny else []))
+    cfg = resolve_config("locft-bf", overrides=[f"train.epochs={args.epochs}", "params.layers=" + ("-1" if args.tiny else "-3")])
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
     start = time.perf_counter()

@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--recipe", default="locft-bf")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. train.epochs=10")
+    ap.add_argument("--set", dest="overrides", action="append", default=["params.layers=-3"],
+                    help="config override, e.g. train.epochs=10 (default location: layer -3, as measured in the README)")
     ap.add_argument("--batches", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--offset", type=int, default=0)

@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 
 from ftedit import locate
 from ftedit.cli import app
-from ftedit.config import ConfigError, resolve_config
+from ftedit.config import ConfigError, LocateConfig, resolve_config
+from ftedit.data.requests import EditRequest
 from ftedit.editor import edit
 from ftedit.locate import Candidate, candidates_for, halving_budgets, sweep, write_report
 from ftedit.outputs import build_manifest
@@ -15,7 +16,7 @@ from test_editor import REQUESTS
 
 def _config(**locate_over):
     over = {"train": {"epochs": 9, "batch_size": 3, "lr": 1e-2},
-            "locate": {"layers": "-2:", "modules": "down,attn", "n_edits": 3, **locate_over}}
+            "locate": {"layers": "-2:", "layer_stride": 1, "modules": "down,attn", "n_edits": 3, **locate_over}}
     return resolve_config("locft-bf", overrides=over)
 
 
@@ -24,7 +25,7 @@ def _weights(model):
 
 
 def test_candidates_follow_the_model_structure(llama_model, gpt2_model):
-    cfg = resolve_config("locft-bf").locate
+    cfg = LocateConfig()
     assert len(candidates_for(llama_model, cfg)) == 3 * 5
     gpt2 = candidates_for(gpt2_model, cfg)  # GPT-2 has no gate projection
     assert len(gpt2) == 3 * 4 and not any(c.module == "gate" for c in gpt2)
@@ -107,6 +108,13 @@ def test_report_files(tmp_path, llama_model, llama_tok):
     assert (tmp_path / "sweep.csv").read_text().startswith("layer,module,epochs,efficacy")
 
 
+def test_locft_bf_chooses_its_location_among_down_and_up_projections(llama_model, llama_tok):
+    result = edit(llama_model, llama_tok, REQUESTS, resolve_config("locft-bf", overrides=["train.epochs=3"]),
+                  progress=False)
+    assert result.location["source"] == "auto" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
+    assert result.location["module"] in ("down", "up") and result.location["layer"] in (0, 2)
+
+
 def test_bad_locate_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="locate.strategy"):
         resolve_config("locft-bf", overrides=["locate.strategy=random"])
@@ -130,3 +138,18 @@ def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
         assert (out / name / "heatmap.png").exists() and (out / name / "sweep.json").exists()
     bad = CliRunner().invoke(app, args[:-3] + ["--strategy", "random", "--out", str(out), "--no-progress"])
     assert bad.exit_code != 0 and "--strategy" in str(bad.exception)
+
+
+def test_auto_without_probe_prompts_uses_a_cached_search_or_the_fallback(llama_model, llama_tok, caplog):
+    bare = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in REQUESTS]
+    cfg = _config(strategy="exhaustive")
+    cfg.params.layers = "auto"
+    first = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
+    assert first.location["source"] == "fallback" and "no paraphrase" in caplog.text
+    assert {t["layer"] for t in first.targets} == {0} and {t["role"] for t in first.targets} == {"down"}
+    first.restore()
+    searched = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m3")
+    searched.restore()
+    again = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
+    assert again.location["source"] == "auto" and again.location["cached"]
+    assert again.location["layer"] == searched.location["layer"]

@@ -69,7 +69,7 @@ ABLATIONS: dict[str, list[str]] = {
         f"df-bs1=ft-m:train.pipeline=depth,train.batch_size=1,train.steps_per_edit=25,{_NO_AUGMENT}",
         f"bf-bs1=ft-m:train.pipeline=breadth,train.batch_size=1,train.epochs=25,train.loss_threshold=0,{_NO_AUGMENT}",
         f"bf-mb=ft-m:train.pipeline=breadth,train.batch_size=32,train.epochs=25,train.loss_threshold=0,{_NO_AUGMENT}",
-        f"bf-mb-loc=locft-bf:train.batch_size=32,train.epochs=25,{_NO_AUGMENT}",
+        f"bf-mb-loc=locft-bf:params.layers=-3,params.modules=down,train.batch_size=32,train.epochs=25,{_NO_AUGMENT}",
     ],
 }
 

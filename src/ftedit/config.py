@@ -50,6 +50,10 @@ class LocateConfig:
     rungs: int = 3  # halving rungs; budgets grow by eta per rung up to the recipe's epochs
     seed: int = 0  # which edits are sampled
     cache: bool = True  # reuse a finished search for the same model and settings (cache_dir()/locate)
+    # params.layers=auto with edits that carry no paraphrase and neighborhood prompts to score trials on, and
+    # no cached search for this model: train here instead (paper 001's rule), with a warning
+    fallback_layers: str = "-3"
+    fallback_modules: str = "down"
 
 
 @dataclass

@@ -172,10 +172,8 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
     locate = locate or base.locate
     sample = sample_edits(requests, locate)
     candidates = candidates_for(model, locate)
-    settings = {"locate": asdict(locate), "trial_recipe": base.recipe,
-                "trial_config": trial_config(base, candidates[0], full_budget(base)).to_dict()}
-    key = _cache_key(model_fingerprint, settings, [] if per_model_cache else sample)
-    path = cache_dir() / "locate" / f"{key}.json"
+    settings = _settings(base, locate, candidates)
+    path = _cache_path(model_fingerprint, settings, [] if per_model_cache else sample)
     if model_fingerprint and locate.cache and path.is_file():
         logger.info("location search: cached result %s", path)
         return SweepResult.from_dict(json.loads(path.read_text()))
@@ -204,6 +202,18 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
     return result
 
 
+def _settings(base: EditConfig, locate: LocateConfig, candidates: list[Candidate]) -> dict[str, Any]:
+    return {"locate": asdict(locate), "trial_recipe": base.recipe,
+            "trial_config": trial_config(base, candidates[0], full_budget(base)).to_dict()}
+
+
+def cached_search(model: nn.Module, base: EditConfig, model_fingerprint: str) -> bool:
+    """Whether ``params.layers=auto`` would find a finished search of this model and settings."""
+    if not (model_fingerprint and base.locate.cache):
+        return False
+    return _cache_path(model_fingerprint, _settings(base, base.locate, candidates_for(model, base.locate)), []).is_file()
+
+
 def _n_trials(n: int, budgets: list[int], eta: int) -> int:
     total = 0
     for _ in budgets:
@@ -212,20 +222,39 @@ def _n_trials(n: int, budgets: list[int], eta: int) -> int:
     return total
 
 
-def _cache_key(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> str:
+def _cache_path(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> Path:
     from ftedit.outputs import request_hash
 
     payload = json.dumps({"model": fingerprint, "settings": settings,
                           "edits": [request_hash(r) for r in sample]}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return cache_dir() / "locate" / f"{hashlib.sha256(payload.encode()).hexdigest()[:20]}.json"
+
+
+def scorable(requests: Sequence[EditRequest]) -> bool:
+    """Whether trials on these edits can measure generalization and locality (COUNTERFACT-style probes)."""
+    return bool(requests) and all(r.paraphrase_prompts and r.neighborhood for r in requests)
 
 
 def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
                     progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
-    """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest."""
+    """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest.
+
+    The search is cached per model and settings, so edits without paraphrase/neighborhood prompts reuse an
+    earlier search of the same model; with neither, the fallback location is used and says so.
+    """
+    sample = sample_edits(requests, config.locate)
+    chosen = copy.deepcopy(config)
+    if not scorable(sample) and not cached_search(model, config, model_fingerprint):
+        logger.warning("params.layers=auto: these edits have no paraphrase and neighborhood prompts to score trial "
+                       "edits on, and no earlier search of this model is cached; using layers %s, modules %s "
+                       "(run `ftedit locate` on COUNTERFACT-style edits once to cache a search for this model)",
+                       config.locate.fallback_layers, config.locate.fallback_modules)
+        chosen.params.layers = config.locate.fallback_layers
+        chosen.params.modules = config.locate.fallback_modules
+        return chosen, {"source": "fallback", "layers": chosen.params.layers, "modules": chosen.params.modules,
+                        "reason": "edits without paraphrase/neighborhood prompts and no cached search"}
     result = sweep(model, tok, requests, config, progress=progress, model_fingerprint=model_fingerprint,
                    per_model_cache=True)
-    chosen = copy.deepcopy(config)
     chosen.params.layers = str(result.best.layer)
     chosen.params.modules = result.best.module
     logger.info("location: layer %d, %s (trial edit score %.1f, %s search over %d candidates, %.0fs%s)",
