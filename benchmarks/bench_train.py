@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench_models import bench_model
 from ftedit.config import resolve_config
 from ftedit.data import load_requests
 from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests
-from ftedit.models import load_model
 from ftedit.params import freeze_all_but, select_targets, trainable_parameters
 from ftedit.tokenization import IGNORE_INDEX, encode_pair, pad_right
 
@@ -67,15 +66,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama and in-process tokenizer")
     args = ap.parse_args()
 
-    if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tiny
-        from ftedit.models import prepare_tokenizer
-
-        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
-        model = tiny.tiny_llama(tok)
-    else:
-        model, tok, _ = load_model(args.model)
+    model, tok = bench_model(args.model, args.tiny)
     requests = load_requests(args.data, n=args.n).requests
     cfg = resolve_config("locft-bf", overrides=[f"train.epochs={args.epochs}", "params.layers=" + ("-1" if args.tiny else "-3")])
     original = {k: v.clone() for k, v in model.state_dict().items()}

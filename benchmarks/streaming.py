@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from bench_models import bench_model
 from ftedit.atomic import write_json_atomic
 from ftedit.config import resolve_config
 from ftedit.data import load_requests
 from ftedit.evaluate import evaluate_requests
-from ftedit.models import load_model
 from ftedit.streaming import StreamConfig, StreamingEditor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "easyedit" / "counterfact-edit.json"
@@ -79,16 +78,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama and in-process tokenizer")
     args = ap.parse_args()
 
+    model, tok = bench_model(args.model, args.tiny)
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tiny
-        from ftedit.models import prepare_tokenizer
-
-        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
-        model = tiny.tiny_llama(tok)
         args.overrides.append("params.layers=-1")
-    else:
-        model, tok, _ = load_model(args.model)
     cfg = resolve_config(args.recipe, overrides=args.overrides)
     requests = load_requests(args.data, n=args.batches * args.batch_size, offset=args.offset).requests
     batches = [requests[i:i + args.batch_size] for i in range(0, len(requests), args.batch_size)]

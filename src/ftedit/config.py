@@ -167,16 +167,22 @@ def resolve_config(recipe: str | None = None, config_file: str | Path | None = N
         path = Path(str(files("ftedit.recipes").joinpath(recipe + ".yaml")))
         _merge(cfg, _read_mapping(path), f"recipe {recipe}")
         cfg.recipe = recipe
+    merge_sources(cfg, config_file, overrides)
+    cfg.validate()
+    return cfg
+
+
+def merge_sources(obj: Any, config_file: str | Path | None = None,
+                  overrides: list[str] | dict[str, Any] | None = None) -> Any:
+    """Update the dataclass ``obj`` from a YAML/TOML file, then from ``overrides`` ("key=value" or a dict)."""
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        _merge(cfg, _read_mapping(path), str(path))
+        _merge(obj, _read_mapping(path), str(path))
     if overrides:
-        updates = parse_assignments(overrides) if isinstance(overrides, list) else overrides
-        _merge(cfg, updates, "--set")
-    cfg.validate()
-    return cfg
+        _merge(obj, parse_assignments(overrides) if isinstance(overrides, list) else overrides, "--set")
+    return obj
 
 
 def save_config(cfg: EditConfig, path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftedit.config import _merge, _read_mapping, parse_assignments
+from ftedit.config import merge_sources
 from ftedit.data.requests import EditRequest
 from ftedit.forward import apply_head, body_hidden, label_positions, lm_parts, model_device
 from ftedit.params import Target, find_blocks, parse_layers, select_targets
@@ -40,15 +40,7 @@ class BaselineError(ValueError):
 def resolve_hparams(cls, config_file: str | Path | None = None,
                     overrides: list[str] | dict[str, Any] | None = None):
     """Defaults of ``cls`` < a YAML/TOML ``config_file`` < ``overrides`` ("key=value" strings or a dict)."""
-    hp = cls()
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise BaselineError(f"config file not found: {path}")
-        _merge(hp, _read_mapping(path), str(path))
-    if overrides:
-        _merge(hp, parse_assignments(overrides) if isinstance(overrides, list) else overrides, "--set")
-    return hp
+    return merge_sources(cls(), config_file, overrides)
 
 
 def resolve_layers(spec: str | int | list[int], n_layers: int) -> list[int]:
