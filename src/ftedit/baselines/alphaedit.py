@@ -11,16 +11,19 @@ the same values as before.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ftedit.baselines.common import Snapshot, ValueConfig, applied_edit, context_prefixes, resolve_hparams
+from ftedit.baselines.common import (
+    Snapshot,
+    ValueConfig,
+    context_prefixes,
+    method_entry,
+)
 from ftedit.baselines.memit import band_targets, spread_over_layers, target_values
 from ftedit.baselines.stats import StatsConfig, mom2
 from ftedit.data.requests import EditRequest
@@ -114,12 +117,4 @@ def apply_alphaedit_to_model(model: nn.Module, tok, requests: Sequence[EditReque
     return snapshot, targets, log
 
 
-def apply_alphaedit(model: nn.Module, tok, requests: Sequence[EditRequest], *,
-                    overrides: list[str] | dict[str, Any] | None = None, config_file: str | Path | None = None,
-                    pool=None, progress: bool = True, model_fingerprint: str = ""):
-    """``ftedit.methods.apply_method`` entry point."""
-    hparams = resolve_hparams(AlphaEditHyperParams, config_file, overrides)
-    start = time.perf_counter()
-    snapshot, targets, log = apply_alphaedit_to_model(model, tok, requests, hparams, fingerprint=model_fingerprint,
-                                                      progress=progress)
-    return applied_edit("alphaedit", model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
+apply_alphaedit = method_entry("alphaedit", AlphaEditHyperParams, apply_alphaedit_to_model)

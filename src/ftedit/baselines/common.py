@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -463,6 +464,23 @@ def applied_edit(method: str, model: nn.Module, hparams, targets: Sequence[Targe
     return AppliedEdit(method=method, model=model, config=dataclasses.asdict(hparams),
                        touched=[{"name": t.name, "layer": t.layer, "role": t.role} for t in targets],
                        seconds=seconds, restore=snapshot.restore, details=details, info=info or {})
+
+
+def method_entry(method: str, hparams_cls, apply_to_model):
+    """The ``ftedit.methods.apply_method`` entry point of a closed-form baseline: resolve its hyperparameters
+    (defaults < config file < overrides), run ``apply_to_model`` and return an ``AppliedEdit``."""
+
+    def apply(model: nn.Module, tok, requests: Sequence[EditRequest], *,
+              overrides: list[str] | dict[str, Any] | None = None, config_file: str | Path | None = None,
+              pool=None, progress: bool = True, model_fingerprint: str = ""):
+        hparams = resolve_hparams(hparams_cls, config_file, overrides)
+        start = time.perf_counter()
+        snapshot, targets, log = apply_to_model(model, tok, requests, hparams, fingerprint=model_fingerprint,
+                                                progress=progress)
+        return applied_edit(method, model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
+
+    apply.__name__ = apply.__qualname__ = f"apply_{method}"
+    return apply
 
 
 def least_squares_update(keys: torch.Tensor, residuals: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,8 @@ so the residual stream moves by the intended amount.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,14 +30,13 @@ from ftedit.baselines.common import (
     ValueProblem,
     activations_at,
     add_update,
-    applied_edit,
     context_prefixes,
     down_proj,
     least_squares_update,
     mean_keys,
+    method_entry,
     post_mlp_module,
     residual_to_down,
-    resolve_hparams,
     resolve_layers,
     rewrite_probes,
 )
@@ -152,12 +149,4 @@ def apply_memit_to_model(model: nn.Module, tok, requests: Sequence[EditRequest],
     return snapshot, targets, {"prefixes": prefixes, "values": values, "layers": layers}
 
 
-def apply_memit(model: nn.Module, tok, requests: Sequence[EditRequest], *,
-                overrides: list[str] | dict[str, Any] | None = None, config_file: str | Path | None = None,
-                pool=None, progress: bool = True, model_fingerprint: str = ""):
-    """``ftedit.methods.apply_method`` entry point."""
-    hparams = resolve_hparams(MEMITHyperParams, config_file, overrides)
-    start = time.perf_counter()
-    snapshot, targets, log = apply_memit_to_model(model, tok, requests, hparams, fingerprint=model_fingerprint,
-                                                  progress=progress)
-    return applied_edit("memit", model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
+apply_memit = method_entry("memit", MEMITHyperParams, apply_memit_to_model)

@@ -11,10 +11,8 @@ every key ``k`` with ``kᵀ C⁻¹ k* = 0`` untouched.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +24,10 @@ from ftedit.baselines.common import (
     ValueConfig,
     ValueProblem,
     add_update,
-    applied_edit,
     context_prefixes,
     down_proj,
     mean_keys,
-    resolve_hparams,
+    method_entry,
     resolve_layers,
     weight_out_in,
 )
@@ -98,12 +95,4 @@ def apply_rome_to_model(model: nn.Module, tok, requests: Sequence[EditRequest], 
     return snapshot, [target], {"prefixes": prefixes, "values": log, "deltas": deltas}
 
 
-def apply_rome(model: nn.Module, tok, requests: Sequence[EditRequest], *,
-               overrides: list[str] | dict[str, Any] | None = None, config_file: str | Path | None = None,
-               pool=None, progress: bool = True, model_fingerprint: str = ""):
-    """``ftedit.methods.apply_method`` entry point: resolve the hyperparameters, edit, return an AppliedEdit."""
-    hparams = resolve_hparams(ROMEHyperParams, config_file, overrides)
-    start = time.perf_counter()
-    snapshot, targets, log = apply_rome_to_model(model, tok, requests, hparams, fingerprint=model_fingerprint,
-                                                 progress=progress)
-    return applied_edit("rome", model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
+apply_rome = method_entry("rome", ROMEHyperParams, apply_rome_to_model)
