@@ -37,6 +37,23 @@ def gemma_model(llama_tok):
     return tiny.tiny_gemma3(llama_tok)
 
 
+def _saved(path, model, tok):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_dir(tmp_path, llama_model, llama_tok):
+    """The tiny Llama and its tokenizer saved as a local Hugging Face directory."""
+    return _saved(tmp_path / "tiny-llama", llama_model, llama_tok)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path, gpt2_model, gpt2_tok):
+    return _saved(tmp_path / "tiny-gpt2", gpt2_model, gpt2_tok)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     if not tiny.DATA.exists():

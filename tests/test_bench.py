@@ -20,16 +20,8 @@ from ftedit.cli import app
 
 
 @pytest.fixture
-def model_dir(tmp_path, gpt2_model, gpt2_tok):
-    path = tmp_path / "tiny-gpt2"
-    gpt2_model.save_pretrained(path)
-    gpt2_tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def settings(tmp_path, model_dir, data_dir):
-    return BenchSettings(model=str(model_dir), data=str(data_dir / "fixtures" / "counterfact_rome_format_first5.json"),
+def settings(tmp_path, gpt2_dir, data_dir):
+    return BenchSettings(model=str(gpt2_dir), data=str(data_dir / "fixtures" / "counterfact_rome_format_first5.json"),
                          out=str(tmp_path / "bench"), n=3)
 
 

@@ -11,30 +11,20 @@ from ftedit.evaluate.cli import eval_command
 from ftedit.outputs import write_json_atomic
 
 
-@pytest.fixture
-def model_dir(tmp_path, llama_tok):
-    import tiny
-
-    path = tmp_path / "tiny-llama"
-    tiny.tiny_llama(llama_tok).save_pretrained(path)
-    llama_tok.save_pretrained(path)
-    return path
-
-
-def run(model_dir, data, tmp_path, **kwargs):
+def run(llama_dir, data, tmp_path, **kwargs):
     out = tmp_path / "results" / "eval.json"
-    payload = eval_command(model=str(model_dir), data=str(data), out=out, progress=False, device="cpu",
+    payload = eval_command(model=str(llama_dir), data=str(data), out=out, progress=False, device="cpu",
                            dtype="fp32", **kwargs)
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload, default=str))
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left behind
     return payload
 
 
-def test_counterfact_with_base_fluency_consistency_and_perplexity(model_dir, data_dir, tmp_path, capsys):
+def test_counterfact_with_base_fluency_consistency_and_perplexity(llama_dir, data_dir, tmp_path, capsys):
     data = data_dir / "fixtures" / "counterfact_rome_format_first5.json"
     snippets = [{"relation_id": "P103", "target_id": "Q1860", "samples": [{"name": "x", "text": "English is spoken."}]}]
     (tmp_path / "snips.json").write_text(json.dumps(snippets))
-    payload = run(model_dir, data, tmp_path, n=3, base_model=str(model_dir), details=True, fluency=True,
+    payload = run(llama_dir, data, tmp_path, n=3, base_model=str(llama_dir), details=True, fluency=True,
                   gen_max_len=20, snippets=tmp_path / "snips.json",
                   ppl_data=data_dir / "downstream" / "wiki_summaries.jsonl", ppl_n=2, ppl_max_length=32)
     summary = payload["result"]["summary"]
@@ -50,21 +40,21 @@ def test_counterfact_with_base_fluency_consistency_and_perplexity(model_dir, dat
     assert "efficacy" in capsys.readouterr().out
 
 
-def test_metrics_equal_the_library_call(model_dir, data_dir, tmp_path, llama_tok):
+def test_metrics_equal_the_library_call(llama_dir, data_dir, tmp_path, llama_tok):
     from ftedit.data.loaders import load_requests
     from ftedit.models import load_model
 
     data = data_dir / "counterfact" / "easyedit" / "counterfact-edit.json"
-    payload = run(model_dir, data, tmp_path, n=4, offset=2)
-    model, tok, _ = load_model(str(model_dir), device="cpu", dtype="fp32")
+    payload = run(llama_dir, data, tmp_path, n=4, offset=2)
+    model, tok, _ = load_model(str(llama_dir), device="cpu", dtype="fp32")
     direct = evaluate_requests(model, tok, load_requests(data, n=4, offset=2).requests, progress=False).summary
     for key in ("efficacy", "generalization", "locality", "edit_score", "locality_magnitude"):
         assert payload["result"]["summary"][key] == pytest.approx(direct[key]), key
     assert "records" not in payload["result"]
 
 
-def test_zsre_protocol_auto(model_dir, data_dir, tmp_path):
-    payload = run(model_dir, data_dir / "fixtures" / "zsre_mend_eval_first5.json", tmp_path)
+def test_zsre_protocol_auto(llama_dir, data_dir, tmp_path):
+    payload = run(llama_dir, data_dir / "fixtures" / "zsre_mend_eval_first5.json", tmp_path)
     assert payload["result"]["protocol"] == "zsre"
     assert payload["result"]["summary"]["n_neighborhood_prompts"] == 5
 

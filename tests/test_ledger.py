@@ -22,28 +22,20 @@ from ftedit.outputs import request_hash
 FIXTURE = "fixtures/counterfact_rome_format_first5.json"
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, llama_model, llama_tok):
-    path = tmp_path / "base"
-    llama_model.save_pretrained(path)
-    llama_tok.save_pretrained(path)
-    return path
-
-
 def _edit(model_dir, data, out, *extra):
     args = ["edit", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--recipe", "locft-bf",
             "--no-eval", "--no-progress", "--set", "train.epochs=1", "--set", "params.layers=-1", *extra]
     return CliRunner().invoke(app, args)
 
 
-def test_reediting_carries_the_history_forward_and_appends(tmp_path, tiny_dir, data_dir):
+def test_reediting_carries_the_history_forward_and_appends(tmp_path, llama_dir, data_dir):
     requests = load_requests(data_dir / FIXTURE).requests
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     records = json.loads((data_dir / FIXTURE).read_text())
     first.write_text(json.dumps(records[:3]))
     second.write_text(json.dumps(records[3:]))
 
-    assert _edit(tiny_dir, first, tmp_path / "e1").exit_code == 0
+    assert _edit(llama_dir, first, tmp_path / "e1").exit_code == 0
     result = _edit(tmp_path / "e1" / "model", second, tmp_path / "e2")
     assert result.exit_code == 0, result.output
 
@@ -52,7 +44,7 @@ def test_reediting_carries_the_history_forward_and_appends(tmp_path, tiny_dir, d
     assert [e.hash for e in two] == [request_hash(r) for r in requests]
     assert two[:3] == one  # earlier lines copied unchanged
     assert (tmp_path / "e1" / "ledger.jsonl").read_text() in (tmp_path / "e2" / "ledger.jsonl").read_text()
-    assert two[3].parent["name_or_path"].endswith("e1/model") and two[0].parent["name_or_path"] == str(tiny_dir)
+    assert two[3].parent["name_or_path"].endswith("e1/model") and two[0].parent["name_or_path"] == str(llama_dir)
     assert len({e.run for e in two}) == 2 and two[0].recipe == "locft-bf" and two[0].method == "full"
     assert two[0].previous == "" and two[3].previous == history_digest(one)
 
@@ -62,11 +54,11 @@ def test_reediting_carries_the_history_forward_and_appends(tmp_path, tiny_dir, d
     assert [json.loads(line)["hash"] for line in listed.output.splitlines()] == [e.hash for e in two]
 
 
-def test_a_contradicting_edit_warns_or_stops_per_flag(tmp_path, tiny_dir, data_dir, caplog):
+def test_a_contradicting_edit_warns_or_stops_per_flag(tmp_path, llama_dir, data_dir, caplog):
     record = json.loads((data_dir / FIXTURE).read_text())[0]
     first = tmp_path / "first.json"
     first.write_text(json.dumps([record]))
-    assert _edit(tiny_dir, first, tmp_path / "e1").exit_code == 0
+    assert _edit(llama_dir, first, tmp_path / "e1").exit_code == 0
 
     record["requested_rewrite"]["target_new"]["str"] = "Klingon"
     changed = tmp_path / "changed.json"

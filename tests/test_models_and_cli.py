@@ -11,20 +11,12 @@ from ftedit.cli import app
 from ftedit.models import ModelLoadError, load_model, parse_dtype
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, llama_model, llama_tok):
-    path = tmp_path / "tiny-llama"
-    llama_model.save_pretrained(path)
-    llama_tok.save_pretrained(path)
-    return path
-
-
 def _digest(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def test_local_directory_loads_with_explicit_conventions(tiny_dir):
-    model, tok, identity = load_model(str(tiny_dir), device="cpu")
+def test_local_directory_loads_with_explicit_conventions(llama_dir):
+    model, tok, identity = load_model(str(llama_dir), device="cpu")
     assert identity.source == "local" and identity.model_class == "LlamaForCausalLM"
     assert identity.fingerprint and identity.dtype == "float32"
     assert tok.padding_side == "right" and tok.pad_token is not None
@@ -58,10 +50,10 @@ def test_dtype_defaults():
         parse_dtype("int3", torch.device("cpu"))
 
 
-def test_cli_edit_writes_model_manifest_and_leaves_the_base_untouched(tmp_path, tiny_dir, data_dir):
-    before = _digest(tiny_dir)
+def test_cli_edit_writes_model_manifest_and_leaves_the_base_untouched(tmp_path, llama_dir, data_dir):
+    before = _digest(llama_dir)
     out = tmp_path / "edited"
-    args = ["edit", "--model", str(tiny_dir), "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+    args = ["edit", "--model", str(llama_dir), "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
             "--recipe", "locft-bf", "--set", "train.epochs=3", "--set", "train.lr=1e-2", "--set", "params.layers=-2:",
             "--out", str(out), "--no-progress"]
     result = CliRunner().invoke(app, args)
@@ -71,15 +63,15 @@ def test_cli_edit_writes_model_manifest_and_leaves_the_base_untouched(tmp_path, 
     assert manifest["touched"]["layers"] == [1, 2] and manifest["base_model"]["source"] == "local"
     assert set(manifest["evaluation"]["post"]) >= {"efficacy", "generalization", "locality", "edit_score"}
     assert (out / "model" / "model.safetensors").exists() and (out / "config.yaml").exists()
-    assert _digest(tiny_dir) == before
+    assert _digest(llama_dir) == before
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "already exists" in str(again.exception)
 
 
-def test_cli_edit_refuses_to_write_into_the_base_model(tiny_dir, data_dir):
-    result = CliRunner().invoke(app, ["edit", "--model", str(tiny_dir), "--data",
+def test_cli_edit_refuses_to_write_into_the_base_model(llama_dir, data_dir):
+    result = CliRunner().invoke(app, ["edit", "--model", str(llama_dir), "--data",
                                       str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
-                                      "--out", str(tiny_dir / "edited"), "--no-progress"])
+                                      "--out", str(llama_dir / "edited"), "--no-progress"])
     assert result.exit_code != 0 and "overwrite the base model" in str(result.exception)
 
 
