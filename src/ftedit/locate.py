@@ -302,14 +302,15 @@ def heatmap_png(result: SweepResult, title: str = "") -> bytes:
     modules = list(dict.fromkeys(c.module for c in result.candidates))
     final_budget = max(t.epochs for t in result.trials)
     grid = np.full((len(layers), len(modules)), np.nan)
+    budget = np.zeros_like(grid)
     for t in result.final_trials():
-        grid[layers.index(t.candidate.layer), modules.index(t.candidate.module)] = t.metrics["edit_score"]
+        cell = layers.index(t.candidate.layer), modules.index(t.candidate.module)
+        grid[cell], budget[cell] = t.metrics["edit_score"], t.epochs
     fig, ax = plt.subplots(figsize=(1.3 * len(modules) + 2.5, 0.38 * len(layers) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
-            trial = next(t for t in result.final_trials() if t.candidate == Candidate(layers[i], modules[j]))
-            mark = "" if trial.epochs == final_budget else "*"
+            mark = "" if budget[i, j] == final_budget else "*"
             ax.text(j, i, f"{v:.0f}{mark}", ha="center", va="center", fontsize=8,
                     color="white" if v < np.nanmax(grid) * 0.7 else "black")
     best = result.best
