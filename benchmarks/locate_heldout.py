@@ -4,7 +4,8 @@
 
 1. Exhaustive sweep (every layer x module candidate at the full trial budget) on held-out edits H.
 2. ``params.layers=auto`` as the editor runs it: successive halving on a sample S of *other* edits.
-3. The auto choice's edit score on H (looked up in 1) against H's best, and the pruned sweep's cost.
+3. The auto choice's edit score on H (looked up in 1) against H's best by edit score (the 0/1 rates, what
+   users are scored on), and the pruned sweep's cost. ``--rank`` sets how the auto search ranks its trials.
 Both sweeps write heatmaps and tables under --out; summary.json holds the comparison.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ftedit import locate
 from ftedit.atomic import write_json_atomic
 from ftedit.config import resolve_config
 from ftedit.data import load_requests
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n-sample", type=int, default=20, help="edits S the auto search sees")
     ap.add_argument("--n-heldout", type=int, default=20, help="held-out edits H")
     ap.add_argument("--heldout-offset", type=int, default=100)
+    ap.add_argument("--rank", default="soft", choices=["soft", "discrete"], help="locate.rank of the auto search")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -47,7 +50,7 @@ def main() -> None:
     heldout = load_requests(args.data, n=args.n_heldout, offset=args.heldout_offset).requests
     cfg = resolve_config(args.recipe, overrides={
         "train": {"epochs": args.epochs, "batch_size": max(args.n_sample, args.n_heldout)},
-        "locate": {"layers": args.layers, "modules": args.modules, "n_edits": args.n_sample}})
+        "locate": {"layers": args.layers, "modules": args.modules, "n_edits": args.n_sample, "rank": args.rank}})
     title = f"{args.model}, trials: {args.recipe} {args.epochs} epochs"
 
     full_search = dataclasses.replace(cfg.locate, strategy="exhaustive", n_edits=args.n_heldout)
@@ -62,11 +65,12 @@ def main() -> None:
                  f"{title}, {len(sample)} sample edits")
 
     on_heldout = {t.candidate: t.metrics for t in exhaustive.trials}
-    best = on_heldout[exhaustive.best]
+    heldout_best = max(exhaustive.trials, key=lambda t: locate.rank_key(t, "discrete")).candidate
+    best = on_heldout[heldout_best]
     picked = on_heldout[auto.best]
     summary = {
         "model": identity.to_dict(), "settings": vars(args),
-        "exhaustive_best": {"location": exhaustive.best.label, **best, "trials": len(exhaustive.trials),
+        "exhaustive_best": {"location": heldout_best.label, **best, "trials": len(exhaustive.trials),
                             "seconds": exhaustive.seconds},
         "auto_choice": {"location": auto.best.label, "heldout": picked, "trials": len(auto.trials),
                         "seconds": auto.seconds, "record": location},
@@ -75,7 +79,7 @@ def main() -> None:
                                   key=lambda r: -r["edit_score"]),
     }
     write_json_atomic(Path(args.out) / "summary.json", summary)
-    print(f"held-out best {exhaustive.best.label} {best['edit_score']:.1f}; auto picked {auto.best.label} "
+    print(f"held-out best {heldout_best.label} {best['edit_score']:.1f}; auto picked {auto.best.label} "
           f"{picked['edit_score']:.1f} on held-out (gap {summary['gap_points']:.1f}); "
           f"auto search {auto.seconds:.0f}s/{len(auto.trials)} trials vs exhaustive {exhaustive.seconds:.0f}s/"
           f"{len(exhaustive.trials)} trials")

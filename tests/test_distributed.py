@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -22,7 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data_dir):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data_dir, fsdp):
     base = tmp_path / "base"
     llama_model.save_pretrained(base)
     llama_tok.save_pretrained(base)
@@ -35,11 +37,14 @@ def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "GLOO_SOCKET_IFNAME": "lo", "FTEDIT_CACHE": str(tmp_path / "cache")}
+    if fsdp:  # each process holds half of every weight (FSDP2 shards), gathered per block
+        env["ACCELERATE_USE_FSDP"] = "true"
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), "-m", "ftedit.cli", *args, "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert ("FSDP: 3 decoder blocks and the root sharded" in launched.stderr) == fsdp
 
     one = load_file(tmp_path / "one" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "model" / "model.safetensors")

@@ -45,8 +45,8 @@ def test_exhaustive_sweep_tries_every_candidate_and_restores_the_model(llama_mod
     assert {t.candidate for t in result.trials} == {Candidate(1, "down"), Candidate(1, "attn"),
                                                     Candidate(2, "down"), Candidate(2, "attn")}
     assert all(t.epochs == 9 for t in result.trials)
-    best = max(result.trials, key=lambda t: t.metrics["edit_score"])
-    assert result.best_metrics()["edit_score"] == best.metrics["edit_score"]
+    best = max(result.trials, key=lambda t: t.metrics["soft_edit_score"])
+    assert result.best == best.candidate and result.best_metrics() == best.metrics
     assert max(t.metrics["efficacy"] for t in result.trials) > 50  # the trials really edit
     assert all(torch.equal(p, before[n]) for n, p in llama_model.named_parameters())
 
@@ -57,7 +57,7 @@ def test_halving_gives_the_full_budget_only_to_the_best(llama_model, llama_tok, 
     first = [t for t in result.trials if t.epochs == 4]  # round(9 / 2)
     second = [t for t in result.trials if t.epochs == 9]
     assert len(first) == 6 and len(second) == 3
-    top = sorted(first, key=locate._rank_key, reverse=True)[:3]
+    top = sorted(first, key=locate.rank_key, reverse=True)[:3]
     assert {t.candidate for t in second} == {t.candidate for t in top}
     assert result.best in {t.candidate for t in second}
 
@@ -120,6 +120,8 @@ def test_bad_locate_settings_are_clear_errors():
         resolve_config("locft-bf", overrides=["locate.strategy=random"])
     with pytest.raises(ConfigError, match="eta"):
         resolve_config("locft-bf", overrides=["locate.eta=1"])
+    with pytest.raises(ConfigError, match="locate.rank"):
+        resolve_config("locft-bf", overrides=["locate.rank=median"])
 
 
 def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
@@ -153,3 +155,37 @@ def test_auto_without_probe_prompts_uses_a_cached_search_or_the_fallback(llama_m
     again = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
     assert again.location["source"] == "auto" and again.location["cached"]
     assert again.location["layer"] == searched.location["layer"]
+
+
+def _record(rewrite, paraphrase, neighborhood):
+    def kind(pairs):
+        return {"prompts": [{"nll_new": n, "nll_true": t} for n, t in pairs]}
+
+    return {"rewrite": kind(rewrite), "paraphrase": kind(paraphrase), "neighborhood": kind(neighborhood)}
+
+
+def test_soft_scores_are_sigmoid_margins_averaged_like_the_rates():
+    import math
+
+    records = [_record([(1.0, 3.0)], [(2.0, 2.0), (4.0, 2.0)], [(5.0, 1.0)]),
+               _record([(3.0, 1.0)], [(1.0, 2.0)], [(1.0, 1.5)])]
+    s = locate.soft_scores(records)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert s["soft_efficacy"] == pytest.approx(100 * (sig(2) + sig(-2)) / 2)
+    assert s["soft_generalization"] == pytest.approx(100 * ((sig(0) + sig(-2)) / 2 + sig(1)) / 2)
+    assert s["soft_locality"] == pytest.approx(100 * (sig(4) + sig(-0.5)) / 2)  # neighbors: the true answer wins
+    parts = [s[k] for k in ("soft_efficacy", "soft_generalization", "soft_locality")]
+    assert s["soft_edit_score"] == pytest.approx(3 / sum(1 / p for p in parts))
+    with pytest.raises(ValueError, match="neighborhood"):
+        locate.soft_scores([{**records[0], "neighborhood": None}])
+
+
+def test_soft_rank_separates_trials_the_0_1_rates_tie():
+    # Neither trial flips a prompt (same discrete scores); the one whose margins moved toward the edit ranks first.
+    still = locate.soft_scores([_record([(3.0, 1.0)], [(3.0, 1.0)], [(2.0, 1.0)])])
+    moved = locate.soft_scores([_record([(1.2, 1.0)], [(1.5, 1.0)], [(2.0, 1.0)])])
+    discrete = {"efficacy": 0.0, "generalization": 0.0, "locality": 100.0, "edit_score": 0.0}
+    a = locate.Trial(Candidate(1, "down"), 3, {**discrete, **still}, 1.0)
+    b = locate.Trial(Candidate(2, "down"), 3, {**discrete, **moved}, 1.0)
+    assert max([a, b], key=locate.rank_key) is b
+    assert max([a, b], key=lambda t: locate.rank_key(t, "discrete")) is a  # ties go to the earlier layer

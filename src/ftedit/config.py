@@ -46,6 +46,7 @@ class LocateConfig:
     modules: str = "down,up,gate,attn,block"  # candidate module groups; ones a model lacks are skipped
     n_edits: int = 20  # edits sampled for the trials
     strategy: str = "halving"  # "halving": successive halving (cheap); "exhaustive": every candidate, full budget
+    rank: str = "soft"  # "soft": edit score of sigmoid(NLL margins), smooth on short trials; "discrete": 0/1 rates
     eta: int = 3  # halving keeps the best 1/eta candidates after each rung
     rungs: int = 3  # halving rungs; budgets grow by eta per rung up to the recipe's epochs
     seed: int = 0  # which edits are sampled
@@ -80,6 +81,8 @@ class EditConfig:
             raise ConfigError(f"train.pipeline {self.train.pipeline!r} is not 'breadth' or 'depth'")
         if self.locate.strategy not in ("halving", "exhaustive"):
             raise ConfigError(f"locate.strategy {self.locate.strategy!r} is not 'halving' or 'exhaustive'")
+        if self.locate.rank not in ("soft", "discrete"):
+            raise ConfigError(f"locate.rank {self.locate.rank!r} is not 'soft' or 'discrete'")
         if self.locate.eta < 2 or self.locate.rungs < 1 or self.locate.n_edits < 1 or self.locate.layer_stride < 1:
             raise ConfigError("locate: eta must be >= 2; rungs, n_edits and layer_stride >= 1")
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ftedit.distributed import is_sharded
 from ftedit.tokenization import IGNORE_INDEX, PaddedBatch
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _split_candidate(model) -> LMParts:
     return LMParts(body, head, _softcap_of(lm))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses the gathered weights in training
 def _verify(model, parts: LMParts) -> bool:
     ids = torch.tensor([[1, 5, 7, 11, 3, 2]], device=model_device(model)) % model.config.get_text_config().vocab_size
     mask = torch.ones_like(ids)
@@ -82,7 +83,8 @@ def lm_parts(model) -> LMParts:
     """Body/head split of a causal LM, verified once against the full forward and cached per model."""
     parts = _PARTS.get(model)
     if parts is None:
-        parts = _split_candidate(model)
+        # FSDP gathers the root unit's weights (embeddings, head) only in the model's own forward
+        parts = LMParts(None, None, None) if is_sharded(model) else _split_candidate(model)
         if parts.body is not None and not _verify(model, parts):
             logger.warning("%s: body + output embedding does not reproduce model(...).logits; "
                            "scoring falls back to the full forward (slower)", type(model).__name__)
@@ -160,10 +162,14 @@ class PrefixActivations:
         from ftedit.tokenization import pad_right
 
         captured: dict[str, torch.Tensor] = {}
+        # the suffix is not needed for capturing, except that a sharded model's units must finish their
+        # forward (FSDP reshards in its post-forward hooks)
+        stop = not is_sharded(self.model)
 
         def grab(module, args, kwargs):
             captured["h"] = args[0] if args else kwargs["hidden_states"]
-            raise _StopForward
+            if stop:
+                raise _StopForward
 
         def kind(module, args, output):
             self.as_tuple = isinstance(output, tuple)
@@ -175,7 +181,7 @@ class PrefixActivations:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 batch = pad_right(chunk, self.pad_token_id).to(device)
-                with contextlib.suppress(_StopForward):  # the suffix is not needed for capturing
+                with contextlib.suppress(_StopForward):
                     self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 h = captured.pop("h")
                 dtype = self.storage_dtype or h.dtype

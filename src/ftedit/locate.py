@@ -5,6 +5,11 @@ of the edits, is evaluated with the harness (efficacy, generalization on paraphr
 locality on neighbors), and is undone. ``exhaustive`` trains every candidate with the recipe's full budget;
 ``halving`` (successive halving) trains all candidates briefly and gives the larger budgets only to the best
 1/eta of them, which costs about ``rungs / eta**(rungs-1)`` of the exhaustive sweep.
+
+Candidates are ranked by the soft edit score (``locate.rank="soft"``, default): each prompt's success
+indicator (new target more likely than the old one, or the reverse for neighbors) is replaced by the two-way
+probability ``sigmoid(NLL margin)``. Short trials that moved the right way without flipping any prompt still
+rank, and a 20-edit sample ranks with less noise than the 0/1 rates give.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
 logger = logging.getLogger(__name__)
 
 METRICS = ("efficacy", "generalization", "locality", "edit_score")
+SOFT_METRICS = ("soft_efficacy", "soft_generalization", "soft_locality", "soft_edit_score")
+RANKS = ("soft", "discrete")
+_KIND_METRIC = {"rewrite": "soft_efficacy", "paraphrase": "soft_generalization", "neighborhood": "soft_locality"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,8 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepResult:
-        trials = [Trial(Candidate(t["layer"], t["module"]), t["epochs"], {m: t[m] for m in METRICS}, t["seconds"])
-                  for t in data["trials"]]
+        trials = [Trial(Candidate(t["layer"], t["module"]), t["epochs"],
+                        {m: t[m] for m in METRICS + SOFT_METRICS if m in t}, t["seconds"]) for t in data["trials"]]
         candidates = list(dict.fromkeys(t.candidate for t in trials))
         return cls(data["strategy"], candidates, trials, Candidate(**data["best"]), data["seconds"],
                    data["n_edits"], cached=True, settings=data.get("settings", {}))
@@ -149,15 +157,41 @@ def run_trial(model: nn.Module, tok, requests: list[EditRequest], base: EditConf
     start = time.perf_counter()
     result = edit(model, tok, requests, trial_config(base, candidate, epochs), progress=False)
     try:
-        summary = evaluate_requests(result.model, tok, requests, progress=False).summary
+        evaluated = evaluate_requests(result.model, tok, requests, details=True, progress=False)
     finally:
         result.restore()
-    metrics = {m: float(summary[m]) for m in METRICS}
+    metrics = {m: float(evaluated.summary[m]) for m in METRICS} | soft_scores(evaluated.records)
     return Trial(candidate, epochs, metrics, time.perf_counter() - start)
 
 
-def _rank_key(trial: Trial) -> tuple[float, float, float]:
-    return trial.metrics["edit_score"], trial.metrics["efficacy"], -trial.candidate.layer
+def soft_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """ES/PS/NS with each prompt's 0/1 success replaced by ``sigmoid(margin)``, the probability of the right
+    answer of the two (the new target; the true one for neighbors) under their NLLs; x100, averaged per record
+    and then over records like the harness's rates, and their harmonic mean."""
+    out: dict[str, float] = {}
+    for kind, name in _KIND_METRIC.items():
+        per_record = []
+        for rec in records:
+            if not rec.get(kind):
+                continue
+            sign = -1.0 if kind == "neighborhood" else 1.0
+            per_record.append(sum(_sigmoid(sign * (p["nll_true"] - p["nll_new"])) for p in rec[kind]["prompts"])
+                              / len(rec[kind]["prompts"]))
+        if not per_record:
+            raise ValueError(f"no {kind} prompts to score trial edits on")
+        out[name] = 100 * sum(per_record) / len(per_record)
+    out["soft_edit_score"] = 3 / sum(1 / max(out[m], 1e-9) for m in SOFT_METRICS[:3])
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def rank_key(trial: Trial, rank: str = "soft") -> tuple[float, ...]:
+    """Higher is better; ties broken by efficacy, then the earlier layer."""
+    score = trial.metrics["soft_edit_score"] if rank == "soft" else trial.metrics["edit_score"]
+    return score, trial.metrics["efficacy"], -trial.candidate.layer
 
 
 def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConfig,
@@ -190,11 +224,11 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
             bar.update(1)
             bar.set_postfix_str(f"{c.label} ep{epochs} score {rung[-1].metrics['edit_score']:.1f}")
         trials += rung
-        rung.sort(key=_rank_key, reverse=True)
+        rung.sort(key=lambda t: rank_key(t, locate.rank), reverse=True)
         if i < len(budgets) - 1:
             survivors = [t.candidate for t in rung[: math.ceil(len(rung) / locate.eta)]]
     bar.close()
-    best = max((t for t in trials if t.epochs == budgets[-1]), key=_rank_key).candidate
+    best = max((t for t in trials if t.epochs == budgets[-1]), key=lambda t: rank_key(t, locate.rank)).candidate
     result = SweepResult(locate.strategy, candidates, trials, best, time.perf_counter() - start, len(sample),
                          settings=settings)
     if model_fingerprint and locate.cache:
@@ -271,15 +305,18 @@ def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], conf
 
 def table_rows(result: SweepResult) -> list[dict[str, Any]]:
     rows = [{"layer": t.candidate.layer, "module": t.candidate.module, "epochs": t.epochs,
-             **{m: round(t.metrics[m], 2) for m in METRICS}, "seconds": round(t.seconds, 1)}
+             **{m: round(t.metrics[m], 2) for m in METRICS + SOFT_METRICS if m in t.metrics},
+             "seconds": round(t.seconds, 1)}
             for t in result.trials]
     return sorted(rows, key=lambda r: (-r["epochs"], -r["edit_score"]))
 
 
 def markdown_table(result: SweepResult) -> str:
-    head = "| layer | module | epochs | ES | PS | NS | score | s |\n|---|---|---|---|---|---|---|---|\n"
+    head = ("| layer | module | epochs | ES | PS | NS | score | soft score | s |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r['layer']} | {r['module']} | {r['epochs']} | {r['efficacy']:.1f} | "
-                   f"{r['generalization']:.1f} | {r['locality']:.1f} | {r['edit_score']:.1f} | {r['seconds']:.0f} |\n"
+                   f"{r['generalization']:.1f} | {r['locality']:.1f} | {r['edit_score']:.1f} | "
+                   f"{r.get('soft_edit_score', float('nan')):.1f} | {r['seconds']:.0f} |\n"
                    for r in table_rows(result))
     return head + body
 

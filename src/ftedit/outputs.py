@@ -50,16 +50,18 @@ def ledger_entries(result, manifest: dict[str, Any], history: Sequence[LedgerEnt
 
 
 def save_edit(out_dir: str | Path, result, tok, manifest: dict[str, Any], save: str = "model",
-              overwrite: bool = False, history: Sequence[LedgerEntry] = ()) -> Path:
+              overwrite: bool = False, history: Sequence[LedgerEntry] = (),
+              state_dict: dict[str, Any] | None = None) -> Path:
     """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``) or neither (``"none"``).
 
     With a model or adapter, ``ledger.jsonl`` lists ``history`` (the base model's ledger) and then this
-    edit's requests, both in the output directory and inside the model/adapter directory.
+    edit's requests, both in the output directory and inside the model/adapter directory. ``state_dict``:
+    the weights to write instead of the model's own (a sharded model's, gathered).
     """
     with atomic_directory(out_dir, overwrite) as tmp:
         if save == "model":
             model = result.merged_model()
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
             tok.save_pretrained(tmp / "model")
         elif save == "adapter":
             if not result.config.params.method == "lora":

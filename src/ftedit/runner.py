@@ -13,7 +13,7 @@ from rich.table import Table
 from ftedit.checkpoint import Checkpoints, run_fingerprint
 from ftedit.config import resolve_config
 from ftedit.data.loaders import load_pool_facts, load_requests
-from ftedit.distributed import DataParallel
+from ftedit.distributed import DataParallel, full_state_dict, shard_model
 from ftedit.editor import edit
 from ftedit.evaluate import compare, evaluate_requests
 from ftedit.ledger import check_conflicts, find_ledger
@@ -77,9 +77,14 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     _check_out_dir(out, model)
     _check_existing(out, overwrite, resume)
     parallel = DataParallel()
-    if parallel.distributed:  # under a launcher: one device per process; rank 0 evaluates the result and saves
+    if parallel.sharded:  # FSDP: load on CPU, then each process keeps its shard on its device
+        device = "cpu"
+    elif parallel.distributed:  # under a launcher: one device per process; rank 0 evaluates the result and saves
         device = device or str(parallel.device)
     cfg = resolve_config(recipe, config_file, overrides)
+    if parallel.sharded and (resume or quantize or cfg.params.method != "full"):
+        raise ValueError("under FSDP sharding ftedit trains full weights (params.method=full), without --quantize, "
+                         "and writes no resumable checkpoints (--resume); use DDP (no FSDP config) for those")
     if quantize and (cfg.params.method != "lora" or save == "model"):
         raise ValueError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
                          "(--set params.method=lora) and save them with --save adapter")
@@ -98,30 +103,37 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
     torch.manual_seed(cfg.train.seed)
     base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
+    if parallel.sharded:
+        shard_model(base, parallel)
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
     pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main) if evaluate else None
     checkpoints = None
-    if cfg.mode != "single":
+    if cfg.mode != "single" and not parallel.sharded:
         fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
         checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, cfg.train.checkpoint_every, resume=resume)
     start = time.perf_counter()
     result = edit(base, tok, loaded.requests, cfg, pool=facts, progress=progress,
                   model_fingerprint=identity.fingerprint, checkpoints=checkpoints)
     wall = time.perf_counter() - start
+    post, state_dict = None, None
+    if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
+        if evaluate and cfg.mode != "single":
+            post = evaluate_requests(result.model, tok, loaded.requests, progress=progress and parallel.is_main)
+        state_dict = full_state_dict(result.model) if save == "model" else None
     if not parallel.is_main:
         return {}
     extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
              "pool": pool, "wall_seconds": wall}
     if evaluate and cfg.mode != "single":
-        post = evaluate_requests(result.model, tok, loaded.requests, progress=progress)
+        post = post or evaluate_requests(result.model, tok, loaded.requests, progress=progress)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
         print_eval(console, pre.summary, post.summary, result.seconds["train"])
     elif cfg.mode == "single":
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": result.single_edit_metrics}
     manifest = build_manifest(result, loaded.requests, identity.to_dict(), extra)
     # the directory may hold this run's checkpoint (checked above): the finished edit replaces it
-    save_edit(out, result, tok, manifest, save=save, overwrite=True, history=history)
+    save_edit(out, result, tok, manifest, save=save, overwrite=True, history=history, state_dict=state_dict)
     console.print(f"wrote {out} ({save}); {len(loaded.requests)} edits, "
                   f"{result.trainable_parameters:,} trainable parameters, {wall:.0f}s")
     return manifest

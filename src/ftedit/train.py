@@ -186,14 +186,18 @@ class Stepper:
     def accumulate(self, score: Scorer, micro_batches: list[list[int]], objective, ref) -> float:
         """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once."""
         total = 0.0
+        sharded = self.parallel.sharded
         for idx in micro_batches:
             # each process takes its share of the micro-batch; its loss is weighted by that share so that
             # the summed gradients are those of the whole micro-batch (what DDP computes)
             local = self.parallel.shard(idx)
             if local:
                 loss = batch_loss(score, local, objective, ref) * (len(local) / len(idx))
-                (loss / len(micro_batches)).backward()
+                # FSDP averages the gradients it reduce-scatters: scale by the world size to sum them
+                ((loss * self.parallel.world if sharded else loss) / len(micro_batches)).backward()
                 total += loss.item()
+            elif sharded:  # every process must join each unit's gather and reduce-scatter: a zero-weight pass
+                (batch_loss(score, idx[:1], objective, ref) * 0.0).backward()
         total = self.parallel.sum_gradients(self.params, total)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)

@@ -99,7 +99,7 @@ def _cut(tokens: list[int], limit: int, eos: set[int]) -> list[int]:
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses the gathered weights in training
 def generate_ids(
     model,
     tok,

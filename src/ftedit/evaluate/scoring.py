@@ -139,7 +139,7 @@ def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, lp: t
     am[where] = torch.cat(argmax).cpu()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses the gathered weights in training
 def score_encoded(
     model,
     pairs: Sequence[EncodedPair],
@@ -191,7 +191,7 @@ def score_pairs(
     return score_encoded(model, encoded, tok.pad_token_id, batch_size=batch_size, progress=progress, desc=desc)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses the gathered weights in training
 def next_token_batches(model, tok, prompts: Sequence[str], *, batch_size: int = 32) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(prompt indices, float32 next-token probabilities [len(indices), vocab])`` batch by batch."""
     parts = lm_parts(model)
