@@ -49,7 +49,7 @@ def main() -> None:
     sample = load_requests(args.data, n=args.n_sample).requests
     heldout = load_requests(args.data, n=args.n_heldout, offset=args.heldout_offset).requests
     cfg = resolve_config(args.recipe, overrides={
-        "train": {"epochs": args.epochs, "batch_size": max(args.n_sample, args.n_heldout)},
+        "train": {"epochs": args.epochs},  # the recipe's batch size: what params.layers=auto runs
         "locate": {"layers": args.layers, "modules": args.modules, "n_edits": args.n_sample, "rank": args.rank}})
     title = f"{args.model}, trials: {args.recipe} {args.epochs} epochs"
 
