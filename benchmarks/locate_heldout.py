@@ -50,7 +50,8 @@ def main() -> None:
     heldout = load_requests(args.data, n=args.n_heldout, offset=args.heldout_offset).requests
     cfg = resolve_config(args.recipe, overrides={
         "train": {"epochs": args.epochs},  # the recipe's batch size: what params.layers=auto runs
-        "locate": {"layers": args.layers, "modules": args.modules, "n_edits": args.n_sample, "rank": args.rank}})
+        "locate": {"layers": args.layers, "layer_stride": 1, "modules": args.modules, "n_edits": args.n_sample,
+                   "rank": args.rank}})
     title = f"{args.model}, trials: {args.recipe} {args.epochs} epochs"
 
     full_search = dataclasses.replace(cfg.locate, strategy="exhaustive", n_edits=args.n_heldout)
