@@ -62,7 +62,14 @@ def main() -> None:
     covs = mom2(model, tok, targets, hp.stats, identity.fingerprint, progress=True)
     prefixes = context_prefixes(model, tok, hp.value)
     start = time.perf_counter()
-    zs, _ = target_values(model, tok, requests, prefixes, targets[-1].layer, hp.value, progress=True)
+    # z depends on the model, edits, band top and value settings only: kept beside --out for later sweeps
+    zs_path = args.out.with_name(f"{args.out.stem}.z-{identity.fingerprint[:12]}-n{len(requests)}-"
+                                 f"l{targets[-1].layer}-s{hp.value.steps}.pt")
+    if zs_path.is_file():
+        zs = torch.load(zs_path)
+    else:
+        zs, _ = target_values(model, tok, requests, prefixes, targets[-1].layer, hp.value, progress=True)
+        torch.save(zs, zs_path)
     report = {"model": identity.to_dict(), "n": len(requests), "layers": [t.layer for t in targets],
               "value_steps": hp.value.steps,
               "value_seconds": time.perf_counter() - start, "keys": {}, "rows": []}

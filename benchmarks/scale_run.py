@@ -34,7 +34,7 @@ from ftedit.models import load_model
 from ftedit.outputs import build_manifest, request_hash, save_edit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "easyedit"
-LEAN = ["params.layers=-1", "params.modules=down", "train.epochs=5", "train.batch_size=64", "train.lr=1e-3",
+LEAN = ["params.layers=-3:", "params.modules=down,up", "train.epochs=10", "train.batch_size=64", "train.lr=1e-3",
         "train.group_by_length=true"]
 KEYS = ("efficacy", "generalization", "locality", "edit_score")
 logger = logging.getLogger("scale_run")

@@ -44,7 +44,7 @@ class LocateConfig:
     layers: str = "all"  # candidate layers (params.layers syntax)
     layer_stride: int = 1  # keep every k-th candidate layer, counting back from the last one
     modules: str = "down,up,gate,attn,block"  # candidate module groups; ones a model lacks are skipped
-    n_edits: int = 20  # edits sampled for the trials
+    n_edits: int = 50  # edits sampled for the trials (with 20, sampling noise decided SmolLM2's ranking)
     strategy: str = "halving"  # "halving": successive halving (cheap); "exhaustive": every candidate, full budget
     rank: str = "soft"  # "soft": edit score of sigmoid(NLL margins), smooth on short trials; "discrete": 0/1 rates
     eta: int = 3  # halving keeps the best 1/eta candidates after each rung
