@@ -19,6 +19,7 @@ from ftedit.config import resolve_config
 from ftedit.data import load_pool_facts, load_requests
 from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests
+from ftedit.evaluate.common import harmonic_mean
 from ftedit.models import load_model
 from ftedit.outputs import write_json_atomic
 
@@ -80,7 +81,7 @@ def _applicable(recipe: str, overrides: list[str]) -> list[str]:
 def _single_mean(metrics: list[dict]) -> dict:
     """Single editing: each edit was measured alone on a fresh model; average those records (ROME's protocol)."""
     out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("efficacy", "generalization", "locality")}
-    out["edit_score"] = 3 / sum(1 / max(out[k], 1e-9) for k in ("efficacy", "generalization", "locality"))
+    out["edit_score"] = harmonic_mean([out[k] for k in ("efficacy", "generalization", "locality")])
     return out
 
 

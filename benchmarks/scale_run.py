@@ -30,6 +30,7 @@ from ftedit.config import resolve_config
 from ftedit.data import load_requests
 from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests
+from ftedit.evaluate.common import harmonic_mean
 from ftedit.models import load_model
 from ftedit.outputs import build_manifest, request_hash, save_edit
 
@@ -121,7 +122,7 @@ def stage_eval(args, model, tok, requests, progress: Progress, name: str, path: 
     progress.add(name, time.perf_counter() - start)
     total = sum(d["n"] for d in done)
     metrics = {k: sum(d[k] * d["n"] for d in done) / total for k in KEYS[:3]}
-    metrics["edit_score"] = 3 / sum(1 / max(metrics[k], 1e-9) for k in KEYS[:3])
+    metrics["edit_score"] = harmonic_mean([metrics[k] for k in KEYS[:3]])
     return {"n": total, **metrics}
 
 

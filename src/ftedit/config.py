@@ -19,6 +19,7 @@ from ftedit.augment import AugmentConfig
 from ftedit.train import ObjectiveConfig, TrainConfig
 
 MODES = ("mass", "single", "sequential")
+LOCATE_RANKS = ("soft", "discrete")  # how locate ranks trials: sigmoid NLL margins, or the 0/1 rates
 
 
 @dataclass
@@ -81,8 +82,8 @@ class EditConfig:
             raise ConfigError(f"train.pipeline {self.train.pipeline!r} is not 'breadth' or 'depth'")
         if self.locate.strategy not in ("halving", "exhaustive"):
             raise ConfigError(f"locate.strategy {self.locate.strategy!r} is not 'halving' or 'exhaustive'")
-        if self.locate.rank not in ("soft", "discrete"):
-            raise ConfigError(f"locate.rank {self.locate.rank!r} is not 'soft' or 'discrete'")
+        if self.locate.rank not in LOCATE_RANKS:
+            raise ConfigError(f"locate.rank {self.locate.rank!r} is not one of {LOCATE_RANKS}")
         if self.locate.eta < 2 or self.locate.rungs < 1 or self.locate.n_edits < 1 or self.locate.layer_stride < 1:
             raise ConfigError("locate: eta must be >= 2; rungs, n_edits and layer_stride >= 1")
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit"):

@@ -9,7 +9,7 @@ locality on neighbors), and is undone. ``exhaustive`` trains every candidate wit
 Candidates are ranked by the soft edit score (``locate.rank="soft"``, default): each prompt's success
 indicator (new target more likely than the old one, or the reverse for neighbors) is replaced by the two-way
 probability ``sigmoid(NLL margin)``. Short trials that moved the right way without flipping any prompt still
-rank, and a 20-edit sample ranks with less noise than the 0/1 rates give.
+rank, and a small sample ranks with less noise than the 0/1 rates give.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
 from ftedit.config import EditConfig, LocateConfig
 from ftedit.data.requests import EditRequest
+from ftedit.evaluate.common import harmonic_mean, mean, percent
 from ftedit.models import cache_dir
 from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
 
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("efficacy", "generalization", "locality", "edit_score")
 SOFT_METRICS = ("soft_efficacy", "soft_generalization", "soft_locality", "soft_edit_score")
-RANKS = ("soft", "discrete")
 _KIND_METRIC = {"rewrite": "soft_efficacy", "paraphrase": "soft_generalization", "neighborhood": "soft_locality"}
 
 
@@ -170,17 +170,13 @@ def soft_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     and then over records like the harness's rates, and their harmonic mean."""
     out: dict[str, float] = {}
     for kind, name in _KIND_METRIC.items():
-        per_record = []
-        for rec in records:
-            if not rec.get(kind):
-                continue
-            sign = -1.0 if kind == "neighborhood" else 1.0
-            per_record.append(sum(_sigmoid(sign * (p["nll_true"] - p["nll_new"])) for p in rec[kind]["prompts"])
-                              / len(rec[kind]["prompts"]))
+        sign = -1.0 if kind == "neighborhood" else 1.0
+        per_record = [mean([_sigmoid(sign * (p["nll_true"] - p["nll_new"])) for p in rec[kind]["prompts"]])
+                      for rec in records if rec.get(kind)]
         if not per_record:
             raise ValueError(f"no {kind} prompts to score trial edits on")
-        out[name] = 100 * sum(per_record) / len(per_record)
-    out["soft_edit_score"] = 3 / sum(1 / max(out[m], 1e-9) for m in SOFT_METRICS[:3])
+        out[name] = percent(mean(per_record))
+    out["soft_edit_score"] = harmonic_mean([out[m] for m in SOFT_METRICS[:3]])
     return out
 
 
