@@ -37,6 +37,7 @@ import torch
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
 from ftedit.config import ConfigError, parse_assignments, recipe_names, resolve_config
+from ftedit.errors import InputError
 from ftedit.methods import apply_method, method_names
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """A bad entry, option or input, caught before anything expensive runs."""
 
 

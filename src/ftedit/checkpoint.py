@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ftedit.atomic import write_bytes_atomic
+from ftedit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ STATE_NAME = "state.pt"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 

@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ftedit.cli_errors import ReportingGroup, run_cli
 from ftedit.evaluate.cli import eval_command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=ReportingGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit the factual knowledge of causal language models by fine-tuning, and measure it.")
 console = Console()
 
@@ -231,5 +232,9 @@ def locate_command(
                offset=offset, device=device, dtype=dtype, progress=progress, console=console)
 
 
+def entry_point() -> None:
+    run_cli(app)
+
+
 if __name__ == "__main__":
-    app()
+    entry_point()

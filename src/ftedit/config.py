@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ftedit.augment import AugmentConfig
+from ftedit.errors import InputError
 from ftedit.train import ObjectiveConfig, TrainConfig
 
 MODES = ("mass", "single", "sequential")
@@ -91,8 +92,8 @@ class EditConfig:
                 raise ConfigError(f"train.{name} must be at least 1")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(InputError):
+    """A recipe, config file or --set value that cannot be used (names the source and the field)."""
 
 
 def recipe_names() -> list[str]:

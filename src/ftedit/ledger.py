@@ -23,6 +23,7 @@ from typing import Any
 
 from ftedit.atomic import write_bytes_atomic
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ class Conflict:
                 f"{self.earlier_prompt!r} -> {self.earlier_target!r} ({where})")
 
 
-class LedgerError(ValueError):
+class LedgerError(InputError):
     pass
 
 
-class ContradictionError(ValueError):
+class ContradictionError(InputError):
     pass
 
 

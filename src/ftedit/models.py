@@ -26,6 +26,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from ftedit.atomic import atomic_directory
+from ftedit.errors import EXIT_MODEL, FteditError
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ BUNDLED_MODELS = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FteditError, RuntimeError):
     """A model spec could not be resolved or loaded."""
+
+    exit_code = EXIT_MODEL
 
 
 @dataclass

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ftedit.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 MLP_ROLES = ("up", "gate", "down")
@@ -37,7 +39,7 @@ _ATTN_PARENTS = ("attn", "attention", "self_attn", "self_attention")
 _MLP_PARENTS = ("mlp", "feed_forward", "ffn")
 
 
-class SelectionError(ValueError):
+class SelectionError(InputError):
     """The requested layers/modules do not exist in this model."""
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ftedit.config import merge_sources
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 from ftedit.forward import apply_head, body_hidden, label_positions, lm_parts, model_device
 from ftedit.params import Target, find_blocks, parse_layers, select_targets
 from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
@@ -31,7 +32,7 @@ from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_rig
 logger = logging.getLogger(__name__)
 
 
-class BaselineError(ValueError):
+class BaselineError(InputError):
     """A baseline cannot run on this input (names the request or setting at fault)."""
 
 

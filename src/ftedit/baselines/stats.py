@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic
+from ftedit.errors import InputError
 from ftedit.forward import model_device
 from ftedit.models import cache_dir, sha256_file
 from ftedit.params import Target
@@ -40,7 +41,7 @@ DEFAULT_CORPUS = "../shared/data/downstream/wiki_summaries.jsonl"
 HF_PREFIX = "hf:"
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The statistics corpus is missing or malformed (names the file, record and field)."""
 
 

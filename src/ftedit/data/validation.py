@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ValidationIssue:
         return ", ".join(where) + f": {self.message}"
 
 
-class RequestValidationError(ValueError):
+class RequestValidationError(InputError):
     """An input file or record that cannot become a valid :class:`EditRequest`."""
 
     def __init__(self, issue: ValidationIssue, more: int = 0):

@@ -6,12 +6,13 @@ import math
 from collections.abc import Sequence
 
 from ftedit.data.requests import EditRequest
+from ftedit.errors import RunError
 
 #: Policies for a record that lacks paraphrase or neighborhood prompts.
 MISSING_POLICIES = ("error", "count")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(RunError, ValueError):
     """A request cannot be scored under the chosen protocol."""
 
 
