@@ -22,6 +22,7 @@ from ftedit.data import (
     load_pool_facts,
     load_requests,
 )
+from ftedit.errors import InputError
 
 ROME_FIXTURE = "fixtures/counterfact_rome_format_first5.json"
 ZSRE_FIXTURE = "fixtures/zsre_mend_eval_first5.json"
@@ -137,7 +138,7 @@ def test_to_dict_rows_load_back(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name,text,format", [
-    ("facts.json", json.dumps(fact()) + "\n" + json.dumps(fact()) + "\n", "jsonl"),
+    ("facts.json", json.dumps(fact()) + "\n" + json.dumps({**fact(), "case_id": 1}) + "\n", "jsonl"),
     ("facts.json", "prompt,target\nThe capital of France is,Paris\n", "csv"),
     ("facts.data", "prompt,target\nThe capital of France is,Paris\n", "auto"),
     ("facts.data", json.dumps(fact()) + "\n", "auto"),
@@ -198,8 +199,10 @@ def test_n_and_offset_keep_file_indices(data_dir):
     reqs = load_requests(data_dir / ROME_FIXTURE, n=2, offset=1).requests
     assert [r.origin.index for r in reqs] == [1, 2] and [r.case_id for r in reqs] == [1, 2]
     assert load_requests(data_dir / ROME_FIXTURE, offset=4).requests[0].case_id == 4
-    assert load_requests(data_dir / ROME_FIXTURE, offset=9).requests == []
-    assert len(load_requests(data_dir / ROME_FIXTURE, n=0).requests) == 0
+    with pytest.raises(RequestValidationError, match="holds no edit requests from record 9 on"):
+        load_requests(data_dir / ROME_FIXTURE, offset=9)
+    with pytest.raises(InputError, match="n must be at least 1"):
+        load_requests(data_dir / ROME_FIXTURE, n=0)
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
@@ -258,7 +261,10 @@ def test_non_string_target_message_names_type(tmp_path):
     ({"target_new": {"str": "  "}}, "requested_rewrite.target_new.str"),
     ({"prompt": ""}, "requested_rewrite.prompt"),
     ({"subject": None}, "requested_rewrite.subject"),
-    ({"prompt": "The mother tongue of Bob is"}, "requested_rewrite.subject"),  # no "{}": subject absent
+    ({"prompt": "The mother tongue of Bob is"}, "requested_rewrite.prompt"),  # no "{}" slot for the subject
+    ({"prompt": "The mother tongue of Danielle Darrieux is"}, "requested_rewrite.prompt"),  # subject, but no "{}"
+    ({"target_new": {"str": "French"}}, "requested_rewrite.target_new"),  # new == true: a no-op edit
+    ({"target_new": {"str": "Eng\nlish"}}, "requested_rewrite.target_new.str"),
     ({"target_true": None}, "requested_rewrite.target_true"),  # neighbors need it
 ])
 def test_rome_record_errors(tmp_path, rw, field):
@@ -310,8 +316,17 @@ def test_conflicting_targets_name_both_records(tmp_path):
     assert re.search(r"record 1\b", msg) and "'Paris'" in msg and "'Lyon'" in msg
 
 
-def test_duplicate_with_same_target_is_fine(tmp_path):
+def test_exact_duplicate_is_invalid_and_skippable(tmp_path):
     path = write_jsonl(tmp_path / "facts.jsonl", [fact(), fact()])
+    with pytest.raises(RequestValidationError, match="record 1, line 2: exact duplicate of record 0") as err:
+        load_requests(path)
+    assert "--skip-invalid" in err.value.hint
+    res = load_requests(path, skip_invalid=True)
+    assert [r.origin.index for r in res.requests] == [0] and [s.index for s in res.skipped] == [1]
+
+
+def test_same_prompt_and_target_in_different_records_is_fine(tmp_path):
+    path = write_jsonl(tmp_path / "facts.jsonl", [fact(), {**fact(), "case_id": 7}])
     assert len(load_requests(path).requests) == 2
 
 
@@ -352,9 +367,10 @@ def test_json_list_with_non_object(tmp_path):
 def test_invalid_json_file(tmp_path):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(fact()) + "\n" + json.dumps(fact()) + "\n")
-    with pytest.raises(RequestValidationError, match="not valid JSON.*format='jsonl'") as err:
+    with pytest.raises(RequestValidationError, match="not valid JSON: Extra data") as err:
         load_requests(path)
     assert_names(err, path, None, None)
+    assert "format='jsonl'" in err.value.hint
 
 
 def test_csv_row_with_extra_cells(tmp_path):
@@ -397,7 +413,8 @@ def test_skip_invalid_reports_exactly_what_was_skipped(tmp_path, caplog):
 
 
 def test_skip_invalid_conflict_keeps_first(tmp_path):
-    path = write_json(tmp_path / "cf.json", [rome_record(), rome_record(), rome_record(target_new={"str": "German"})])
+    second = {**rome_record(), "case_id": 1}
+    path = write_json(tmp_path / "cf.json", [rome_record(), second, rome_record(target_new={"str": "German"})])
     res = load_requests(path, skip_invalid=True, conflicts="error")
     assert [r.origin.index for r in res.requests] == [0, 1]
     assert [(i.index, i.field) for i in res.skipped] == [(2, "requested_rewrite.target_new")]

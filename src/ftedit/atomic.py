@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -46,6 +47,23 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return write_bytes_atomic(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode("utf-8"))
 
 
+def temp_prefix(target: Path) -> str:
+    """Name prefix of the temp folders :func:`atomic_directory` creates beside ``target``."""
+    return target.name + ".tmp-"
+
+
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Remove temp folders an interrupted :func:`atomic_directory` (e.g. SIGKILL while saving) left beside
+    ``target``; return them. Only ftedit's own ``NAME.tmp-*`` folders are touched."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    stale = [p for p in target.parent.glob(glob.escape(temp_prefix(target)) + "*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 @contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False):
     """Yield a temp directory beside ``target``; on success it replaces ``target`` in one rename."""
@@ -53,9 +71,10 @@ def atomic_directory(target: str | Path, overwrite: bool = False):
     if target.exists() and not overwrite:
         raise FileExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the mode mkdir() would
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

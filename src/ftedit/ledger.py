@@ -170,7 +170,7 @@ def check_conflicts(earlier: Sequence[LedgerEntry], requests: Sequence[EditReque
                     source: str = "") -> list[Conflict]:
     """Find contradictions and warn about them, raise :class:`ContradictionError`, or ignore them."""
     if on_conflict not in ON_CONFLICT:
-        raise ValueError(f"on_conflict={on_conflict!r}: use one of {ON_CONFLICT}")
+        raise InputError(f"--on-conflict {on_conflict!r}: use one of {', '.join(ON_CONFLICT)}")
     conflicts = find_conflicts(earlier, requests) if on_conflict != "ignore" else []
     if conflicts:
         origin = f" in {source}" if source else ""

@@ -26,7 +26,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from ftedit.atomic import atomic_directory
-from ftedit.errors import EXIT_MODEL, FteditError
+from ftedit.errors import EXIT_MODEL, FteditError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)} or 'auto'")
+        raise InputError(f"unknown dtype {name!r}; choose one of {sorted(table)} or 'auto'")
     return table[name]
 
 
@@ -186,7 +186,7 @@ QUANTIZATIONS = ("4bit", "8bit")
 def quantization_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
     """bitsandbytes 4-bit (NF4, double quantization) or 8-bit base weights, for LoRA edits of large models on GPU."""
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize={quantize!r}: use one of {QUANTIZATIONS}")
+        raise InputError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
     if device.type != "cuda":
         raise ModelLoadError(f"{quantize} base weights need a CUDA GPU (bitsandbytes kernels); this load is on "
                              f"{device}. On CPU load the model unquantized (leave --quantize out)")

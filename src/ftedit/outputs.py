@@ -3,15 +3,156 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ftedit import __version__
-from ftedit.atomic import atomic_directory, write_json_atomic
+from ftedit.atomic import atomic_directory, remove_stale_temps, write_json_atomic
+from ftedit.checkpoint import STATE_NAME
 from ftedit.config import save_config
 from ftedit.data.requests import EditRequest
+from ftedit.errors import Interrupted, OutputDirError
 from ftedit.ledger import LEDGER_NAME, LedgerEntry, new_entries, write_ledger
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
+CHECKPOINT_STATE = STATE_NAME
+#: What a finished edit's folder may hold: everything ftedit writes there, nothing else.
+RESULT_ENTRIES = frozenset({"manifest.json", "config.yaml", LEDGER_NAME, "model", "adapter", CHECKPOINT_DIR})
+NEW_DIR_HINT = "choose a new or empty --out directory (ftedit never deletes files it did not write)"
+
+
+def is_finished_result(out: Path) -> bool:
+    """``out`` holds a finished ftedit result: a manifest.json that ftedit wrote."""
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "ftedit_version" in manifest
+
+
+def _is_checkpoint_only(out: Path) -> bool:
+    """``out`` holds nothing but an interrupted run's checkpoint folder (its state file and atomic-write temps)."""
+    names = {p.name for p in out.iterdir()}
+    if names != {CHECKPOINT_DIR} or not (out / CHECKPOINT_DIR).is_dir():
+        return False
+    return all(p.name.startswith(CHECKPOINT_STATE) for p in (out / CHECKPOINT_DIR).iterdir())
+
+
+def _check_not_base(out: Path, model_spec: str | None) -> None:
+    if not model_spec:
+        return
+    base = Path(model_spec).expanduser().resolve()
+    target = out.resolve()
+    if base.exists() and (target == base or base.is_relative_to(target) or target.is_relative_to(base)):
+        raise OutputDirError(f"--out {out} would overwrite the base model at {base}",
+                             hint="choose a directory outside the model's")
+
+
+def check_writable(out: Path) -> None:
+    """Raise :class:`OutputDirError` unless ``out`` (or, if absent, its nearest existing parent) takes new files."""
+    probe_in = Path(out)
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputDirError(f"cannot create --out {out}: {probe_in} is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".ftedit-probe-", dir=probe_in)).rmdir()
+    except OSError as e:
+        raise OutputDirError(f"cannot write to --out {out}: {probe_in} is not writable ({e.strerror})",
+                             hint="choose a directory you can write to") from None
+
+
+def prepare_output_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False,
+                       base_model: str | None = None) -> Path:
+    """Check, before any model is loaded, that an edit may write its result to ``out``; return it as a Path.
+
+    ``out`` may be absent or empty. A finished ftedit result is replaced only with ``overwrite``; an
+    interrupted run's checkpoint is continued with ``resume`` or started over with ``overwrite``. A folder
+    holding anything else is refused whatever the flags: ftedit never deletes files it did not write.
+    Temp folders left beside ``out`` by an interrupted save are removed.
+    """
+    out = Path(out)
+    _check_not_base(out, base_model)
+    for stale in remove_stale_temps(out):
+        logger.warning("removed %s, left by an interrupted save", stale)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out} is a file, not a directory", hint=NEW_DIR_HINT)
+    check_writable(out)
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            logger.warning("--resume: %s holds no checkpoint; starting from the beginning", out)
+        return out
+    if is_finished_result(out):
+        _check_result_dir(out, overwrite)
+    elif _is_checkpoint_only(out):
+        if not (resume or overwrite):
+            raise OutputDirError(f"output directory {out} holds an interrupted edit (its checkpoint)",
+                                 hint="pass --resume to continue it, or --overwrite to start over")
+    else:
+        raise OutputDirError(f"--out {out} already exists and holds files ftedit did not write "
+                             f"({_listing(out)})", hint=NEW_DIR_HINT)
+    return out
+
+
+def _check_result_dir(out: Path, overwrite: bool) -> None:
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RESULT_ENTRIES)
+    if foreign:
+        raise OutputDirError(f"--out {out} holds a finished edit plus files ftedit did not write "
+                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})", hint=NEW_DIR_HINT)
+    if not overwrite:
+        raise OutputDirError(f"output directory {out} already exists (a finished edit)",
+                             hint="pass --overwrite to replace it, or choose another --out")
+
+
+def _listing(out: Path, limit: int = 3) -> str:
+    names = sorted(p.name for p in out.iterdir())
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def checkpoint_state(out: Path) -> Path | None:
+    """The resumable checkpoint an edit left in ``out``, if any."""
+    path = Path(out) / CHECKPOINT_DIR / CHECKPOINT_STATE
+    return path if path.is_file() else None
+
+
+def _discard_unsaved(out: Path, existed: bool) -> None:
+    """After an interruption with no checkpoint: remove the empty folders this run created in ``out``."""
+    ckpt = out / CHECKPOINT_DIR
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def interrupted_edit(out: Path, existed: bool, resume_command: str) -> Interrupted:
+    """The error for Ctrl-C during an edit writing to ``out``: what was kept, and the command to continue."""
+    out = Path(out)
+    state = checkpoint_state(out)
+    if state is None:
+        _discard_unsaved(out, existed)
+        again = resume_command.removesuffix(" --resume")
+        return Interrupted(f"interrupted before the first checkpoint: nothing was saved in {out}",
+                           hint=f"start over with: {again}")
+    return Interrupted(f"interrupted: no edited model was written; training progress is saved in {state}",
+                       hint=f"continue with: {resume_command}")
+
+
+@contextmanager
+def report_interruption(out: Path, resume_command: str) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into :class:`Interrupted` describing ``out`` (temp folders are already gone:
+    :func:`~ftedit.atomic.atomic_directory` removes its own)."""
+    existed = Path(out).exists()
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise interrupted_edit(out, existed, resume_command) from None
 
 
 def request_hash(request: EditRequest) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -15,38 +17,23 @@ from ftedit.config import resolve_config
 from ftedit.data.loaders import load_pool_facts, load_requests
 from ftedit.distributed import DataParallel, full_state_dict, shard_model
 from ftedit.editor import edit
+from ftedit.errors import UsageError
 from ftedit.evaluate import compare, evaluate_requests
 from ftedit.ledger import check_conflicts, find_ledger
 from ftedit.models import load_model
-from ftedit.outputs import build_manifest, request_hash, save_edit
+from ftedit.outputs import (
+    CHECKPOINT_DIR,
+    build_manifest,
+    prepare_output_dir,
+    report_interruption,
+    request_hash,
+    save_edit,
+)
+from ftedit.preflight import check_edit_options
 
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("efficacy", "generalization", "locality", "edit_score")
-CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
-
-
-def _check_out_dir(out: Path, model_spec: str) -> None:
-    base = Path(model_spec).expanduser().resolve()
-    target = out.resolve()
-    if base.exists() and (target == base or base.is_relative_to(target) or target.is_relative_to(base)):
-        raise ValueError(f"--out {out} would overwrite the base model at {base}; choose another directory")
-
-
-def _check_existing(out: Path, overwrite: bool, resume: bool) -> None:
-    """An existing --out is replaced only with --overwrite, or continued with --resume if it holds a checkpoint."""
-    if not out.exists():
-        if resume:
-            logger.warning("--resume: %s does not exist; starting from the beginning", out)
-        return
-    if (out / "manifest.json").is_file() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists (a finished edit); pass --overwrite to replace it")
-    if resume or overwrite:
-        return
-    hint = " or --resume to continue it" if (out / CHECKPOINT_DIR).is_dir() else ""
-    raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{hint}")
-
-
 def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
     table = Table(title=f"COUNTERFACT/ZsRE protocol, before and after ({seconds:.0f}s of training)")
     table.add_column("metric")
@@ -54,8 +41,22 @@ def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
     table.add_column("after", justify="right")
     for key in HEADLINE:
         if key in post:
-            table.add_row(key, f"{pre.get(key, float('nan')):.1f}", f"{post[key]:.1f}")
+            table.add_row(key, _fmt(pre.get(key)), _fmt(post[key]))
     console.print(table)
+    for name, what in (("generalization", "paraphrase"), ("locality", "neighborhood")):
+        counted = post.get(f"n_records_{name}")
+        if counted is not None and counted < post["n_records"]:
+            console.print(f"{name}: over the {counted} of {post['n_records']} requests that have {what} prompts")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """This command line with --resume (and without --overwrite): how to continue an interrupted edit."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    return shlex.join(["ftedit", *args, "--resume"])
 
 
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
@@ -66,34 +67,31 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
 
     if recipe in BASELINES and recipe not in recipe_names():  # rome, memit, alphaedit: no recipe config
         if resume or quantize:
-            raise ValueError(f"--resume and --quantize apply to fine-tuning recipes, not to {recipe}")
+            raise UsageError(f"--resume and --quantize apply to fine-tuning recipes, not to {recipe}")
         from ftedit.baselines.run import run_baseline_edit
 
         return run_baseline_edit(data=data, out=out, model=model, recipe=recipe, config_file=config_file,
                                  overrides=overrides, pool=pool, n=n, offset=offset, skip_invalid=skip_invalid,
                                  save=save, evaluate=evaluate, overwrite=overwrite, device=device, dtype=dtype,
                                  progress=progress, console=console)
-    out = Path(out)
-    _check_out_dir(out, model)
-    _check_existing(out, overwrite, resume)
+    cfg = resolve_config(recipe, config_file, overrides)
+    check_edit_options(n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=quantize,
+                       method=cfg.params.method)
+    out = prepare_output_dir(out, overwrite=overwrite, resume=resume, base_model=model)
     parallel = DataParallel()
     if parallel.sharded:  # FSDP: load on CPU, then each process keeps its shard on its device
         device = "cpu"
     elif parallel.distributed:  # under a launcher: one device per process; rank 0 evaluates the result and saves
         device = device or str(parallel.device)
-    cfg = resolve_config(recipe, config_file, overrides)
     if parallel.sharded and (resume or quantize or cfg.params.method != "full"):
-        raise ValueError("under FSDP sharding ftedit trains full weights (params.method=full), without --quantize, "
+        raise UsageError("under FSDP sharding ftedit trains full weights (params.method=full), without --quantize, "
                          "and writes no resumable checkpoints (--resume); use DDP (no FSDP config) for those")
-    if quantize and (cfg.params.method != "lora" or save == "model"):
-        raise ValueError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
-                         "(--set params.method=lora) and save them with --save adapter")
     if cfg.mode == "single" and save != "none":
         logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
                        "writing the manifest and per-edit metrics only")
         save = "none"
     if (cfg.augment.n_random or cfg.augment.n_similar) and not (pool or cfg.augment.pool):
-        raise ValueError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
+        raise UsageError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
                          "(e.g. the COUNTERFACT train split) or --set augment.n_random=0 augment.n_similar=0")
     loaded = load_requests(data, n=n, offset=offset, skip_invalid=skip_invalid)
     for issue in loaded.skipped:
@@ -101,39 +99,42 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     facts = load_pool_facts(pool) if pool else None
     history = find_ledger(model)
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
-    torch.manual_seed(cfg.train.seed)
-    base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
-    if parallel.sharded:
-        shard_model(base, parallel)
-    # every process scores the unedited model, so that none waits at the first gradient sum for longer
-    # than the process group's timeout while rank 0 evaluates
-    pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main) if evaluate else None
-    checkpoints = None
-    if cfg.mode != "single" and not parallel.sharded:
-        fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
-        checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, cfg.train.checkpoint_every, resume=resume)
-    start = time.perf_counter()
-    result = edit(base, tok, loaded.requests, cfg, pool=facts, progress=progress,
-                  model_fingerprint=identity.fingerprint, checkpoints=checkpoints)
-    wall = time.perf_counter() - start
-    post, state_dict = None, None
-    if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
+    with report_interruption(out, resume_command()):
+        torch.manual_seed(cfg.train.seed)
+        base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
+        if parallel.sharded:
+            shard_model(base, parallel)
+        # every process scores the unedited model, so that none waits at the first gradient sum for longer
+        # than the process group's timeout while rank 0 evaluates
+        pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main,
+                                    missing="count") if evaluate else None
+        checkpoints = None
+        if cfg.mode != "single" and not parallel.sharded:
+            fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
+            checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, cfg.train.checkpoint_every, resume=resume)
+        start = time.perf_counter()
+        result = edit(base, tok, loaded.requests, cfg, pool=facts, progress=progress,
+                      model_fingerprint=identity.fingerprint, checkpoints=checkpoints)
+        wall = time.perf_counter() - start
+        post, state_dict = None, None
+        if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
+            if evaluate and cfg.mode != "single":
+                post = evaluate_requests(result.model, tok, loaded.requests, progress=progress and parallel.is_main,
+                                         missing="count")
+            state_dict = full_state_dict(result.model) if save == "model" else None
+        if not parallel.is_main:
+            return {}
+        extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
+                 "pool": pool, "wall_seconds": wall}
         if evaluate and cfg.mode != "single":
-            post = evaluate_requests(result.model, tok, loaded.requests, progress=progress and parallel.is_main)
-        state_dict = full_state_dict(result.model) if save == "model" else None
-    if not parallel.is_main:
-        return {}
-    extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
-             "pool": pool, "wall_seconds": wall}
-    if evaluate and cfg.mode != "single":
-        post = post or evaluate_requests(result.model, tok, loaded.requests, progress=progress)
-        extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
-        print_eval(console, pre.summary, post.summary, result.seconds["train"])
-    elif cfg.mode == "single":
-        extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": result.single_edit_metrics}
-    manifest = build_manifest(result, loaded.requests, identity.to_dict(), extra)
-    # the directory may hold this run's checkpoint (checked above): the finished edit replaces it
-    save_edit(out, result, tok, manifest, save=save, overwrite=True, history=history, state_dict=state_dict)
-    console.print(f"wrote {out} ({save}); {len(loaded.requests)} edits, "
-                  f"{result.trainable_parameters:,} trainable parameters, {wall:.0f}s")
-    return manifest
+            post = post or evaluate_requests(result.model, tok, loaded.requests, progress=progress, missing="count")
+            extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
+            print_eval(console, pre.summary, post.summary, result.seconds["train"])
+        elif cfg.mode == "single":
+            extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": result.single_edit_metrics}
+        manifest = build_manifest(result, loaded.requests, identity.to_dict(), extra)
+        # the directory may hold this run's checkpoint (checked above): the finished edit replaces it
+        save_edit(out, result, tok, manifest, save=save, overwrite=True, history=history, state_dict=state_dict)
+        console.print(f"wrote {out} ({save}); {len(loaded.requests)} edits, "
+                      f"{result.trainable_parameters:,} trainable parameters, {wall:.0f}s")
+        return manifest

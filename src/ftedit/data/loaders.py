@@ -20,6 +20,7 @@ content; ``format="jsonl"``/``"csv"`` also force the parser. ``"hf:owner/name"``
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -29,19 +30,25 @@ from typing import Any, Literal
 
 from ftedit.data.examples import PoolFact
 from ftedit.data.requests import EditRequest, Origin, ProbePrompt
+from ftedit.data.text import FileReadError, read_text
 from ftedit.data.validation import (
     FieldError,
     RequestFileNotFoundError,
     RequestValidationError,
     ValidationIssue,
+    check_case_id,
+    check_distinct_targets,
     check_subject_in_prompt,
+    check_target,
     check_text,
     find_conflicts,
+    find_duplicates,
     optional_text,
     require,
     require_text,
     text_list,
 )
+from ftedit.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -74,49 +81,63 @@ def _window(offset: int, n: int | None) -> Callable[[int], bool]:
     return lambda i: i >= offset and (stop is None or i < stop)
 
 
-def _file_error(file: str, message: str, line: int | None = None) -> RequestValidationError:
-    return RequestValidationError(ValidationIssue(file, None, None, message, line))
+def _file_error(file: str, message: str, line: int | None = None, hint: str | None = None) -> RequestValidationError:
+    return RequestValidationError(ValidationIssue(file, None, None, message, line), hint=hint)
 
 
-def _read_json(path: Path, offset: int, n: int | None) -> list[_Raw]:
-    file = str(path)
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (Python's json accepts them; no other JSON reader does)."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def _read_json(file: str, text: str, offset: int, n: int | None) -> list[_Raw]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = _loads(text)
     except json.JSONDecodeError as e:
-        hint = "; for one object per line use a .jsonl name or format='jsonl'" if e.msg == "Extra data" else ""
-        raise _file_error(file, f"not valid JSON: {e.msg} (column {e.colno}){hint}", e.lineno) from None
+        hint = "for one object per line use a .jsonl name or format='jsonl'" if e.msg == "Extra data" else None
+        raise _file_error(file, f"not valid JSON: {e.msg} (column {e.colno})", e.lineno, hint) from None
+    except ValueError as e:
+        raise _file_error(file, f"not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        raise _file_error(file, "top-level JSON must be a list of objects, got dict (one object)",
+                          hint="wrap the records in [ ... ], or write one object per line in a .jsonl file")
     if not isinstance(data, list):
         raise _file_error(file, f"top-level JSON must be a list of objects, got {type(data).__name__}")
     keep = _window(offset, n)
     return [_Raw(i, rec) for i, rec in enumerate(data) if keep(i)]
 
 
-def _read_jsonl(path: Path, offset: int, n: int | None) -> list[_Raw]:
+def _read_jsonl(file: str, text: str, offset: int, n: int | None) -> list[_Raw]:
     keep, raws, index = _window(offset, n), [], -1
-    with path.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            index += 1
-            if n is not None and index >= offset + n:
-                break
-            if keep(index):
-                raws.append(_parse_json_line(index, line_no, line))
+    for line_no, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        index += 1
+        if n is not None and index >= offset + n:
+            break
+        if keep(index):
+            raws.append(_parse_json_line(index, line_no, line))
     return raws
 
 
 def _parse_json_line(index: int, line_no: int, line: str) -> _Raw:
     try:
-        return _Raw(index, json.loads(line), line_no)
+        return _Raw(index, _loads(line), line_no)
     except json.JSONDecodeError as e:
         return _Raw(index, None, line_no, f"malformed JSON on line {line_no}: {e.msg} (column {e.colno})")
+    except ValueError as e:
+        return _Raw(index, None, line_no, f"malformed JSON on line {line_no}: {e}")
 
 
-def _read_csv(path: Path, offset: int, n: int | None) -> list[_Raw]:
+def _read_csv(file: str, text: str, offset: int, n: int | None) -> list[_Raw]:
     keep, raws = _window(offset, n), []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        start = 2  # line of the first data row, after the header
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2  # line of the first data row, after the header
+    try:
         for index, row in enumerate(reader):
             if n is not None and index >= offset + n:
                 break
@@ -124,19 +145,31 @@ def _read_csv(path: Path, offset: int, n: int | None) -> list[_Raw]:
                 error = "row has more cells than the header" if None in row else None
                 raws.append(_Raw(index, row, start, error))
             start = reader.line_num + 1
+    except csv.Error as e:
+        raise _file_error(file, f"not valid CSV: {e}", reader.line_num) from None
     return raws
 
 
-def _reader_for(path: Path, format: str) -> Callable[[Path, int, int | None], list[_Raw]]:
+def _reader_for(path: Path, text: str, format: str) -> Callable[[str, str, int, int | None], list[_Raw]]:
     if format in ("jsonl", "csv"):
         return _read_jsonl if format == "jsonl" else _read_csv
     suffix = path.suffix.lower()
     by_suffix = {".json": _read_json, ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".csv": _read_csv}
     if suffix in by_suffix:
         return by_suffix[suffix]
-    with path.open(encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
-    return {"[": _read_json, "{": _read_jsonl}.get(head[:1], _read_csv)
+    return {"[": _read_json, "{": _read_jsonl}.get(text[:4096].lstrip()[:1], _read_csv)
+
+
+def _read_file(path: Path) -> str:
+    if not path.exists():
+        raise RequestFileNotFoundError(ValidationIssue(str(path), None, None, "no such file"))
+    try:
+        text = read_text(path, "edit file")
+    except FileReadError as e:
+        raise _file_error(str(path), e.reason, hint=e.hint) from None
+    if not text.strip():
+        raise _file_error(str(path), "the file is empty")
+    return text
 
 
 def _read_hf(name: str, split: str, offset: int, n: int | None) -> list[_Raw]:
@@ -152,16 +185,15 @@ def _read_hf(name: str, split: str, offset: int, n: int | None) -> list[_Raw]:
 def _read(source: str | Path, format: str, n: int | None, offset: int, split: str) -> tuple[str, list[_Raw]]:
     """The file label and the selected raw records."""
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
-    if offset < 0 or (n is not None and n < 0):
-        raise ValueError(f"n and offset must be >= 0, got n={n}, offset={offset}")
+        raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if offset < 0 or (n is not None and n < 1):
+        raise InputError(f"n must be at least 1 and offset at least 0, got n={n}, offset={offset}")
     if isinstance(source, str) and source.startswith(HF_PREFIX):
         name = source[len(HF_PREFIX):]
         return f"{source}[{split}]", _read_hf(name, split, offset, n)
     path = Path(source)
-    if not path.is_file():
-        raise RequestFileNotFoundError(ValidationIssue(str(path), None, None, "file not found"))
-    return str(path), _reader_for(path, format)(path, offset, n)
+    text = _read_file(path)
+    return str(path), _reader_for(path, text, format)(str(path), text, offset, n)
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -197,14 +229,19 @@ def _rome_target(rw: Mapping[str, Any], key: str, required: bool) -> str | None:
             raise FieldError(name, "missing required field")
         return None
     if isinstance(value, Mapping):
-        return require_text(value, "str", f"{name}.str")
-    return check_text(value, name)
+        return check_target(require(value, "str", f"{name}.str"), f"{name}.str")
+    return check_target(value, name)
 
 
 def _rome_core(rec: Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str]:
     rw = _object(rec, "requested_rewrite")
     subject = require_text(rw, "subject", "requested_rewrite.subject")
-    prompt = require_text(rw, "prompt", "requested_rewrite.prompt").replace("{}", subject)
+    template = require_text(rw, "prompt", "requested_rewrite.prompt")
+    if template.count("{}") != 1:
+        found = "has no" if "{}" not in template else "has more than one"
+        raise FieldError("requested_rewrite.prompt", f"{template!r} {found} '{{}}' slot for the subject; this schema "
+                         "writes the subject as {}, e.g. '{} was born in'")
+    prompt = template.replace("{}", subject)
     check_subject_in_prompt(prompt, subject, "requested_rewrite.subject", " (after filling '{}')")
     return rw, prompt, subject
 
@@ -215,15 +252,17 @@ def _rome_request(rec: Mapping[str, Any], origin: Origin) -> EditRequest:
     neighbors = text_list(rec.get("neighborhood_prompts"), "neighborhood_prompts")
     if neighbors and target_true is None:
         raise FieldError("requested_rewrite.target_true", "missing; neighborhood_prompts expect it as answer")
+    target_new = _rome_target(rw, "target_new", required=True)
+    check_distinct_targets(target_new, target_true, "requested_rewrite.target_new")
     return EditRequest(
         prompt=prompt,
         subject=subject,
-        target_new=_rome_target(rw, "target_new", required=True),
+        target_new=target_new,
         target_true=target_true,
         paraphrase_prompts=text_list(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
         neighborhood=tuple(ProbePrompt(p, target_true) for p in neighbors),
         generation_prompts=text_list(rec.get("generation_prompts"), "generation_prompts"),
-        case_id=rec.get("case_id"),
+        case_id=check_case_id(rec.get("case_id")),
         relation_id=optional_text(rw, "relation_id", "requested_rewrite.relation_id"),
         origin=origin,
     )
@@ -250,14 +289,17 @@ def _easyedit_request(rec: Mapping[str, Any], origin: Origin) -> EditRequest:
     neighbors = ()
     if rec.get("locality_prompt") is not None:
         neighbors = (ProbePrompt(require_text(rec, "locality_prompt"), require_text(rec, "locality_ground_truth")),)
+    target_new = check_target(require(rec, "target_new"), "target_new")
+    target_true = None if rec.get("ground_truth") is None else check_target(rec["ground_truth"], "ground_truth")
+    check_distinct_targets(target_new, target_true, "target_new")
     return EditRequest(
         prompt=prompt,
         subject=subject,
-        target_new=require_text(rec, "target_new"),
-        target_true=optional_text(rec, "ground_truth"),
+        target_new=target_new,
+        target_true=target_true,
         paraphrase_prompts=() if rephrase is None else _one_or_many(rephrase, "rephrase_prompt"),
         neighborhood=neighbors,
-        case_id=rec.get("case_id"),
+        case_id=check_case_id(rec.get("case_id")),
         origin=origin,
     )
 
@@ -276,7 +318,7 @@ def _zsre_core(rec: Mapping[str, Any]) -> tuple[str, str, str]:
     answers = require(rec, "answers")
     if not isinstance(answers, list) or not answers:
         raise FieldError("answers", f"must be a non-empty list of strings, got {answers!r}")
-    return prompt, subject, check_text(answers[0], "answers[0]")
+    return prompt, subject, check_target(answers[0], "answers[0]")
 
 
 def _zsre_request(rec: Mapping[str, Any], origin: Origin) -> EditRequest:
@@ -318,7 +360,12 @@ def _user_target(rec: Mapping[str, Any]) -> str:
     if len(given) == 2 and given["target"] != given["target_new"]:
         raise FieldError("target", f"disagrees with 'target_new': {given['target']!r} vs {given['target_new']!r}")
     key = next(iter(given))
-    return check_text(given[key], key)
+    return check_target(given[key], key)
+
+
+def _user_optional_id(rec: Mapping[str, Any]) -> Any:
+    value = rec.get("case_id")
+    return None if isinstance(value, str) and not value.strip() else value  # a CSV's blank cell
 
 
 def _user_subject(rec: Mapping[str, Any], prompt: str) -> str:
@@ -357,17 +404,24 @@ def _user_neighbors(rec: Mapping[str, Any]) -> tuple[ProbePrompt, ...]:
     return tuple(out)
 
 
+def _user_true_target(rec: Mapping[str, Any]) -> str | None:
+    value = _user_optional(rec, "target_true")
+    return None if value is None else check_target(value, "target_true")
+
+
 def _user_request(rec: Mapping[str, Any], origin: Origin) -> EditRequest:
     prompt = require_text(rec, "prompt")
+    target_new, target_true = _user_target(rec), _user_true_target(rec)
+    check_distinct_targets(target_new, target_true, "target" if rec.get("target") is not None else "target_new")
     return EditRequest(
         prompt=prompt,
         subject=_user_subject(rec, prompt),
-        target_new=_user_target(rec),
-        target_true=_user_optional(rec, "target_true"),
+        target_new=target_new,
+        target_true=target_true,
         paraphrase_prompts=_user_paraphrases(rec),
         neighborhood=_user_neighbors(rec),
         generation_prompts=text_list(rec.get("generation_prompts"), "generation_prompts"),
-        case_id=rec.get("case_id"),
+        case_id=check_case_id(_user_optional_id(rec)),
         relation_id=_user_optional(rec, "relation_id"),
         origin=origin,
     )
@@ -376,7 +430,7 @@ def _user_request(rec: Mapping[str, Any], origin: Origin) -> EditRequest:
 def _user_pool(rec: Mapping[str, Any]) -> PoolFact:
     prompt = require_text(rec, "prompt")
     # A pool holds TRUE answers: an edit file's target_true, else the row's target.
-    target = _user_optional(rec, "target_true") or _user_target(rec)
+    target = _user_true_target(rec) or _user_target(rec)
     return PoolFact(prompt, target, _user_subject(rec, prompt), _user_optional(rec, "relation_id"))
 
 
@@ -435,6 +489,19 @@ def _settle(items: list[Any], issues: list[ValidationIssue], skip_invalid: bool)
     return items
 
 
+def _check_not_empty(file: str, raws: list[_Raw], offset: int, what: str) -> None:
+    if not raws:
+        where = f" from record {offset} on (--offset {offset})" if offset else ""
+        raise _file_error(file, f"the file holds no {what}{where}")
+
+
+def _duplicate_issues(file: str, valid: list[tuple[_Raw, EditRequest]]) -> list[ValidationIssue]:
+    """Exact copies of an earlier record: trained twice, counted twice; each later copy is an invalid record."""
+    pairs = find_duplicates([raw.data for raw, _ in valid])
+    return [ValidationIssue(file, valid[j][0].index, None, f"exact duplicate of record {valid[i][0].index}: "
+                            "the edit would be trained and counted twice", valid[j][0].line) for i, j in pairs]
+
+
 def _conflict_issues(file: str, requests: list[EditRequest], target_field: str) -> list[ValidationIssue]:
     issues = []
     for i, j in find_conflicts(requests):
@@ -479,16 +546,24 @@ def load_requests(
     if conflicts not in CONFLICT_MODES:
         raise ValueError(f"unknown conflicts mode {conflicts!r}; expected one of {CONFLICT_MODES}")
     file, raws = _read(source, format, n, offset, split)
+    _check_not_empty(file, raws, offset, "edit requests")
     schema = _schema(format, raws)
     mapped = list(_map(file, raws, lambda raw: schema.request(_record(raw), Origin(file, raw.index))))
-    requests = [m for m in mapped if isinstance(m, EditRequest)]
     issues = [m for m in mapped if isinstance(m, ValidationIssue)]
-    _settle(requests, issues, skip_invalid)
+    issues += _duplicate_issues(file, [(raw, m) for raw, m in zip(raws, mapped) if isinstance(m, EditRequest)])
+    issues.sort(key=lambda i: i.index)
+    _settle([], issues, skip_invalid)
+    invalid = {issue.index for issue in issues}
+    requests = [m for m in mapped if isinstance(m, EditRequest) and m.origin.index not in invalid]
     conflicting = _check_conflicts(file, requests, schema, conflicts)
     _settle(requests, conflicting, skip_invalid)
     later = {issue.index for issue in conflicting}
     requests = [r for r in requests if r.origin.index not in later]
-    return LoadResult(requests, sorted(issues + conflicting, key=lambda i: i.index))
+    skipped = sorted(issues + conflicting, key=lambda i: i.index)
+    if not requests:
+        raise _file_error(file, f"no valid edit requests: all {len(raws)} selected records are invalid "
+                                f"(first: {skipped[0]})", hint="fix the records listed above")
+    return LoadResult(requests, skipped)
 
 
 def load_pool_facts(
@@ -506,6 +581,7 @@ def load_pool_facts(
     ``target``. Validation and selection work as in :func:`load_requests`; skipped records are logged.
     """
     file, raws = _read(source, format, n, offset, split)
+    _check_not_empty(file, raws, offset, "facts")
     schema = _schema(format, raws)
     mapped = list(_map(file, raws, lambda raw: schema.pool(_record(raw))))
     facts = [m for m in mapped if isinstance(m, PoolFact)]

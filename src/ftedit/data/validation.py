@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,17 @@ class ValidationIssue:
         return ", ".join(where) + f": {self.message}"
 
 
+SKIP_HINT = "--skip-invalid (skip_invalid=True) drops invalid records, reports each, and edits the rest"
+
+
 class RequestValidationError(InputError):
     """An input file or record that cannot become a valid :class:`EditRequest`."""
 
-    def __init__(self, issue: ValidationIssue, more: int = 0):
-        note = f" (and {more} more invalid records; skip_invalid=True drops them)" if more else ""
-        super().__init__(f"{issue}{note}")
+    def __init__(self, issue: ValidationIssue, more: int = 0, hint: str | None = None):
+        note = f" (and {more} more invalid records)" if more else ""
+        if hint is None and issue.index is not None:
+            hint = SKIP_HINT
+        super().__init__(f"{issue}{note}", hint=hint)
         self.issue = issue
 
 
@@ -73,6 +79,27 @@ def check_text(value: Any, field: str) -> str:
     return value
 
 
+def check_target(value: Any, field: str) -> str:
+    """A target: non-empty text on one line (the model is trained to say it right after the prompt)."""
+    text = check_text(value, field)
+    if "\n" in text or "\r" in text:
+        raise FieldError(field, f"contains a line break ({text!r}); a target is one line of text")
+    return text
+
+
+def check_case_id(value: Any) -> str | int | None:
+    """``case_id``: absent, a string or an integer (it names the record in reports and result files)."""
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise FieldError("case_id", f"must be a string or an integer, got {_type_name(value)} {value!r}")
+
+
+def check_distinct_targets(target_new: str, target_true: str | None, field: str) -> None:
+    """An edit whose new target is the true one changes nothing (and its efficacy can only be 0)."""
+    if target_true is not None and target_new.strip() == target_true.strip():
+        raise FieldError(field, f"new target {target_new!r} equals the true target: the edit would change nothing")
+
+
 def require_text(record: Mapping[str, Any], key: str, field: str | None = None) -> str:
     return check_text(require(record, key, field), field or key)
 
@@ -95,6 +122,17 @@ def check_subject_in_prompt(prompt: str, subject: str, field: str = "subject", n
     # Case-sensitive on purpose: editors locate the subject's tokens in the prompt by exact text.
     if subject not in prompt:
         raise FieldError(field, f"subject {subject!r} does not occur in prompt {prompt!r}{note}")
+
+
+def find_duplicates(records: Sequence[Any]) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of positions whose records are identical (``j`` paired with the first)."""
+    first: dict[str, int] = {}
+    pairs = []
+    for j, rec in enumerate(records):
+        i = first.setdefault(json.dumps(rec, sort_keys=True, default=str), j)
+        if i != j:
+            pairs.append((i, j))
+    return pairs
 
 
 def find_conflicts(requests: Sequence[EditRequest]) -> list[tuple[int, int]]:
