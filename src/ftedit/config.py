@@ -7,6 +7,7 @@ Unknown keys are errors that name the key and the file they came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from ftedit.augment import AugmentConfig
+from ftedit.data.text import FileReadError, read_text
 from ftedit.errors import InputError
 from ftedit.train import ObjectiveConfig, TrainConfig
 
@@ -87,9 +89,42 @@ class EditConfig:
             raise ConfigError(f"locate.rank {self.locate.rank!r} is not one of {LOCATE_RANKS}")
         if self.locate.eta < 2 or self.locate.rungs < 1 or self.locate.n_edits < 1 or self.locate.layer_stride < 1:
             raise ConfigError("locate: eta must be >= 2; rungs, n_edits and layer_stride >= 1")
-        for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit"):
+        for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit", "checkpoint_every"):
             if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1")
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        if self.sequential_batch < 1 or self.params.lora_r < 1:
+            raise ConfigError("sequential_batch and params.lora_r must be at least 1")
+        _check_numbers(self)
+        try:
+            self.augment.validate()
+        except ValueError as e:
+            raise ConfigError(f"augment: {e}") from None
+
+
+#: Numeric fields that must be finite, with (lowest allowed, whether the lowest itself is allowed).
+_BOUNDS = {
+    "train.lr": (0.0, False), "train.weight_decay": (0.0, True), "train.warmup_ratio": (0.0, True),
+    "train.max_grad_norm": (0.0, True), "train.loss_threshold": (0.0, True), "params.lora_alpha": (0.0, False),
+    "params.lora_dropout": (0.0, True), "params.norm_constraint": (0.0, True), "objective.dpo_weight": (0.0, True),
+    "objective.dpo_beta": (0.0, False),
+}
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+_PRECISIONS = ("auto", "bf16", "no")
+
+
+def _check_numbers(cfg: EditConfig) -> None:
+    for name, (low, inclusive) in _BOUNDS.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    if not cfg.train.warmup_ratio < 1 or not cfg.params.lora_dropout < 1:
+        raise ConfigError("train.warmup_ratio and params.lora_dropout must be below 1")
+    if cfg.train.optimizer not in _OPTIMIZERS:
+        raise ConfigError(f"train.optimizer {cfg.train.optimizer!r} is not one of {_OPTIMIZERS}")
+    if cfg.train.mixed_precision not in _PRECISIONS:
+        raise ConfigError(f"train.mixed_precision {cfg.train.mixed_precision!r} is not one of {_PRECISIONS}")
 
 
 class ConfigError(InputError):
@@ -101,7 +136,10 @@ def recipe_names() -> list[str]:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    text = path.read_text()
+    try:
+        text = read_text(path, "config file")
+    except FileReadError as e:
+        raise ConfigError(str(e), hint=e.hint) from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
@@ -183,7 +221,7 @@ def merge_sources(obj: Any, config_file: str | Path | None = None,
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file {path}: {'is a directory' if path.is_dir() else 'no such file'}")
         _merge(obj, _read_mapping(path), str(path))
     if overrides:
         _merge(obj, parse_assignments(overrides) if isinstance(overrides, list) else overrides, "--set")

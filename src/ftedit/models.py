@@ -125,20 +125,65 @@ def bundled_gguf_path(name: str) -> Path:
     raise ModelLoadError(f"unknown bundled model {name!r}; bundled: {sorted(BUNDLED_MODELS)}")
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_header(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` starts like a GGUF file ftedit can read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read it ({e.strerror})") from None
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if head[:4] != GGUF_MAGIC or version not in GGUF_VERSIONS:
+        found = f"starts with {head[:8]!r}" if head[:4] != GGUF_MAGIC else f"has GGUF version {version}"
+        raise ModelLoadError(f"{path}: not a valid GGUF file (it {found}; GGUF v2 and v3 files start with "
+                             "b'GGUF' and their version)", hint="check the download, or pass an HF model directory")
+
+
+def looks_local(spec: str) -> bool:
+    """A spec that can only be a path (a hub id is ``name`` or ``owner/name``)."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or spec.lower().endswith(".gguf"))
+
+
+def check_model_spec(spec: str) -> None:
+    """What can be checked about a model spec without loading it (bundled names are checked when loaded)."""
+    if spec not in BUNDLED_MODELS:
+        _local_source(spec)
+
+
+def _local_source(spec: str) -> str | None:
+    """``"gguf"`` or ``"local"`` for a usable local spec, None for a hub name; raise for a bad local path."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model",
+                                 hint="pass an HF model directory, a .gguf file or a hub name")
+        return "local"
+    if path.exists():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a GGUF file or an HF directory")
+        check_gguf_header(path)
+        return "gguf"
+    if looks_local(spec):
+        raise ModelLoadError(f"{path}: no such file or directory", hint="pass an existing model directory, a .gguf "
+                             f"file, a hub name or a bundled model ({', '.join(BUNDLED_MODELS)})")
+    return None
+
+
 def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantize a GGUF file once into a safetensors HF directory under the cache; return (dir, sha256)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    check_gguf_header(gguf_path)
     digest = sha256_file(gguf_path)
     target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{digest[:16]}"
     if (target / "config.json").exists() and (target / "ftedit_source.json").exists():
         return target, digest
     logger.info("dequantizing %s once into %s (later loads read the cache)", gguf_path, target)
     with atomic_directory(target, overwrite=True) as tmp:  # a half-written cache is never seen as complete
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        tok, model = _read_gguf(gguf_path)
         # The weights are already dequantized to fp32; drop the GGUF quantizer marker so they save as plain
         # safetensors and reload as an ordinary model.
         model.hf_quantizer = None
@@ -150,23 +195,31 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     return target, digest
 
 
+def _read_gguf(gguf_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # the reader's own errors (truncated tensors, unknown architecture, ...)
+        raise ModelLoadError(f"{gguf_path}: not a valid GGUF file, or one transformers cannot read "
+                             f"({type(e).__name__}: {e})") from e
+    return tok, model
+
+
 def _resolve(spec: str) -> tuple[str, str, str]:
     """Map a model spec to (source, path-or-name to pass to from_pretrained, fingerprint)."""
     if spec in BUNDLED_MODELS:
         directory, digest = dequantized_gguf_dir(bundled_gguf_path(spec))
         return "bundled", str(directory), digest
+    source = _local_source(spec)
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
+    if source == "gguf":
         directory, digest = dequantized_gguf_dir(path.resolve())
         return "gguf", str(directory), digest
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model")
+    if source == "local":
         return "local", str(path), hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
-    if path.exists():
-        raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a GGUF file or an HF directory")
     return "hub", spec, ""
 
 
@@ -239,9 +292,12 @@ def load_model(
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs, **placement)
-    except OSError as e:
-        hint = " (the Hugging Face hub is unreachable from this machine?)" if source == "hub" else ""
-        raise ModelLoadError(f"could not load model {spec!r}{hint}: {e}") from e
+    except (OSError, ValueError) as e:
+        if source == "hub":
+            raise ModelLoadError(f"could not load model {spec!r}: no local directory or file of that name, and the "
+                                 f"Hugging Face hub does not give it ({_first_line(e)})",
+                                 hint="check the name, or whether this machine can reach the hub") from e
+        raise ModelLoadError(f"could not load model {spec!r}: {_first_line(e)}") from e
     if "device_map" not in placement:
         model.to(device)
     model.eval()
@@ -256,6 +312,10 @@ def load_model(
         extra={k: v for k, v in {"quantize": quantize, "device_map": placement.get("device_map")}.items() if v},
     )
     return model, prepare_tokenizer(tok), identity
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def identity_of(model, spec: str = "in-memory") -> ModelIdentity:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ftedit.errors import UsageError
-from ftedit.models import QUANTIZATIONS, parse_dtype
+from ftedit.errors import OutputDirError, UsageError
+from ftedit.evaluate import PROTOCOLS
+from ftedit.evaluate.common import check_policy
+from ftedit.models import QUANTIZATIONS, check_model_spec, parse_dtype
+from ftedit.outputs import check_writable
 
 SAVE_MODES = ("model", "adapter", "none")
 
@@ -27,11 +32,12 @@ def check_device(device: str | None, dtype: str | None) -> None:
     parse_dtype(dtype, torch.device("cpu"))
 
 
-def check_edit_options(*, n: int | None, offset: int, save: str, device: str | None, dtype: str | None,
-                       quantize: str | None, method: str | None = None) -> None:
+def check_edit_options(*, model: str, n: int | None, offset: int, save: str, device: str | None,
+                       dtype: str | None, quantize: str | None, method: str | None = None) -> None:
     """Options of ``ftedit edit``; ``method`` is the recipe's params.method (None for a baseline)."""
     check_selection(n, offset)
     check_device(device, dtype)
+    check_model_spec(model)
     if save not in SAVE_MODES:
         raise UsageError(f"--save {save!r}: use one of {', '.join(SAVE_MODES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -42,3 +48,24 @@ def check_edit_options(*, n: int | None, offset: int, save: str, device: str | N
     if quantize and (method != "lora" or save == "model"):
         raise UsageError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
                          "(--set params.method=lora) and save them with --save adapter")
+
+
+def check_output_file(out: Path) -> None:
+    """A result file can be written at ``out`` (it is not a directory; its folder is writable)."""
+    if out.is_dir():
+        raise OutputDirError(f"--out {out} is a directory; pass the path of the JSON file to write")
+    check_writable(out.parent)
+
+
+def check_eval_options(*, n: int | None, offset: int, device: str | None, dtype: str | None, missing: str,
+                       protocol: str, models: list[str], out: Path | None) -> None:
+    """Options of ``ftedit eval``."""
+    check_selection(n, offset)
+    check_device(device, dtype)
+    check_policy(missing)
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    for spec in models:
+        check_model_spec(spec)
+    if out is not None:
+        check_output_file(Path(out))

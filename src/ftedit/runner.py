@@ -75,7 +75,7 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
                                  save=save, evaluate=evaluate, overwrite=overwrite, device=device, dtype=dtype,
                                  progress=progress, console=console)
     cfg = resolve_config(recipe, config_file, overrides)
-    check_edit_options(n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=quantize,
+    check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=quantize,
                        method=cfg.params.method)
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume, base_model=model)
     parallel = DataParallel()

@@ -25,7 +25,7 @@ def run_baseline_edit(*, data, out: Path, model, recipe, config_file, overrides,
                       save, evaluate, overwrite, device, dtype, progress, console: Console) -> dict:
     from ftedit.runner import logger, print_eval, resume_command
 
-    check_edit_options(n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=None)
+    check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=None)
     if save not in ("model", "none"):
         raise UsageError(f"--save {save}: {recipe} edits weights directly; use --save model or none")
     out = prepare_output_dir(out, overwrite=overwrite, base_model=model)

@@ -56,9 +56,15 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 
 def _decode_error(path: Path, data: bytes, encoding: str, e: UnicodeDecodeError) -> FileReadError:
-    if b"\x00" in data[:1024]:
+    if _looks_binary(data[:1024]):
         return FileReadError(path, "not a text file (binary data, or UTF-16 without a byte-order mark)",
                              hint="save it as UTF-8 text")
     name = encoding.upper().removesuffix("-SIG")
     return FileReadError(path, f"not valid {name} text (byte 0x{data[e.start]:02x} at offset {e.start})",
                          hint="save the file as UTF-8")
+
+
+def _looks_binary(head: bytes) -> bool:
+    """NUL bytes or many control characters: not text in any 8-bit encoding a user would pick."""
+    controls = sum(1 for b in head if b < 9 or 13 < b < 32)
+    return b"\x00" in head or controls > len(head) // 20

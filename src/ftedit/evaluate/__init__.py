@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 from ftedit.evaluate.common import EvaluationError, is_finite
 from ftedit.evaluate.counterfact import evaluate_counterfact
 from ftedit.evaluate.generation import GenerationOptions, evaluate_generation
@@ -95,7 +96,7 @@ def evaluate_requests(
     also compute fluency (and consistency, given ``snippets``) over the requests' generation prompts.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+        raise InputError(f"protocol={protocol!r} (--protocol): expected one of {PROTOCOLS}")
     if not requests:
         raise EvaluationError("no requests to evaluate")
     chosen = detect_protocol(requests) if protocol == "auto" else protocol

@@ -16,6 +16,7 @@ from ftedit.evaluate import EvalResult, compare, evaluate_requests
 from ftedit.evaluate.generation import GenerationOptions, load_snippets, tfidf_vectorizer
 from ftedit.evaluate.perplexity import load_texts, perplexity
 from ftedit.outputs import write_json_atomic
+from ftedit.preflight import check_eval_options
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def eval_command(
     ppl_data: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field: also report perplexity.")] = None,
     ppl_n: Annotated[int, typer.Option(help="Texts for perplexity.")] = 200,
     ppl_max_length: Annotated[int, typer.Option(help="Tokens per perplexity text (truncation).")] = 256,
-    missing: Annotated[str, typer.Option(help="Records without paraphrases/neighbors: error | count.")] = "error",
+    missing: Annotated[str, typer.Option(help="Records without paraphrases/neighbors: count (average each metric "
+                                              "over the records that have its prompts; counts reported) | error.")] = "count",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -124,6 +126,8 @@ def eval_command(
 
     if not data:
         raise typer.BadParameter("--data is required")
+    check_eval_options(n=n, offset=offset, device=device, dtype=dtype, missing=missing, protocol=protocol,
+                       models=[model] + ([base_model] if base_model else []), out=out)
     start = time.perf_counter()
     torch.manual_seed(seed)
     loaded = load_requests(data, n=n, offset=offset)

@@ -6,13 +6,13 @@ import math
 from collections.abc import Sequence
 
 from ftedit.data.requests import EditRequest
-from ftedit.errors import RunError
+from ftedit.errors import InputError
 
 #: Policies for a record that lacks paraphrase or neighborhood prompts.
 MISSING_POLICIES = ("error", "count")
 
 
-class EvaluationError(RunError, ValueError):
+class EvaluationError(InputError):
     """A request cannot be scored under the chosen protocol."""
 
 
@@ -46,7 +46,7 @@ def percent(value: float | None) -> float | None:
 
 def check_policy(missing: str) -> None:
     if missing not in MISSING_POLICIES:
-        raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+        raise InputError(f"missing={missing!r} (--missing): expected one of {MISSING_POLICIES}")
 
 
 def is_finite(x: object) -> bool:

@@ -48,8 +48,9 @@ def validate(requests: Sequence[EditRequest], missing: str = "error") -> None:
     for pos, req in enumerate(requests):
         for kind, items in (("paraphrase", req.paraphrase_prompts), ("neighborhood", req.neighborhood)):
             if not items:
-                raise EvaluationError(f"{describe(req, pos)} has no {kind} prompts; pass missing='count' to "
-                                      f"average {METRIC[kind]} over the records that have them")
+                raise EvaluationError(f"{describe(req, pos)} has no {kind} prompts; pass missing='count' (ftedit "
+                                      f"eval: --missing count) to average {METRIC[kind]} over the records "
+                                      "that have them")
 
 
 def _pairs(req: EditRequest) -> dict[str, list[tuple[str, str]]]:
