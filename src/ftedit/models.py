@@ -169,7 +169,7 @@ def _local_source(spec: str) -> str | None:
         check_gguf_header(path)
         return "gguf"
     if looks_local(spec):
-        raise ModelLoadError(f"{path}: no such file or directory", hint="pass an existing model directory, a .gguf "
+        raise ModelLoadError(f"{spec}: no such file or directory", hint="pass an existing model directory, a .gguf "
                              f"file, a hub name or a bundled model ({', '.join(BUNDLED_MODELS)})")
     return None
 
