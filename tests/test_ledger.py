@@ -64,7 +64,7 @@ def test_a_contradicting_edit_warns_or_stops_per_flag(tmp_path, llama_dir, data_
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps([record]))
     stopped = _edit(tmp_path / "e1" / "model", changed, tmp_path / "e2", "--on-conflict", "error")
-    assert isinstance(stopped.exception, ContradictionError) and "Klingon" in str(stopped.exception)
+    assert stopped.exit_code == 2 and "Klingon" in stopped.output and "Traceback" not in stopped.output
     assert not (tmp_path / "e2").exists()
     warned = _edit(tmp_path / "e1" / "model", changed, tmp_path / "e2")
     assert warned.exit_code == 0 and "contradict" in caplog.text

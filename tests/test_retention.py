@@ -371,7 +371,7 @@ def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok
     assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
     assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
     again = CliRunner().invoke(app, args)
-    assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+    assert again.exit_code == 4 and "--overwrite" in again.output
 
 
 def test_single_protocol_edits_each_fact_alone(gpt2_model, gpt2_tok, tmp_path, data_dir):

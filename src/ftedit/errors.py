@@ -52,6 +52,10 @@ class InputError(FteditError, ValueError):
     exit_code = EXIT_INPUT
 
 
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file or folder that does not exist."""
+
+
 class UsageError(InputError):
     """Command-line options that do not fit together (or do not fit the chosen method)."""
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ftedit.config import resolve_config
 from ftedit.data.loaders import load_requests
+from ftedit.errors import UsageError
 from ftedit.locate import SweepResult, sweep, write_report
 from ftedit.models import load_model
 
@@ -19,7 +20,7 @@ STRATEGIES = ("exhaustive", "halving", "both")
 def run_locate(*, data, out: Path, model, recipe, overrides, strategy, n, offset, device, dtype, progress,
                console: Console) -> dict[str, SweepResult]:
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy {strategy!r}: expected one of {STRATEGIES}")
+        raise UsageError(f"--strategy {strategy!r}: expected one of {STRATEGIES}")
     cfg = resolve_config(recipe, None, overrides)
     if n is not None:
         cfg.locate.n_edits = n

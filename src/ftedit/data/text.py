@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
-from ftedit.errors import InputError
+from ftedit.errors import InputError, MissingInputError
 
 # Longest marks first: the UTF-32-LE mark starts with the UTF-16-LE one.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
@@ -21,6 +21,10 @@ class FileReadError(InputError):
         self.reason = reason
 
 
+class MissingFileError(FileReadError, MissingInputError):
+    """The file does not exist."""
+
+
 def detect_encoding(head: bytes) -> str:
     """The codec for a file starting with ``head``: its byte-order mark's, else UTF-8."""
     return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8")
@@ -28,7 +32,7 @@ def detect_encoding(head: bytes) -> str:
 
 def check_file(path: Path, what: str = "file") -> None:
     if not path.exists():
-        raise FileReadError(path, "no such file")
+        raise MissingFileError(path, "no such file")
     if path.is_dir():
         raise FileReadError(path, f"is a directory, not a file; pass the {what} itself")
     if not path.is_file():

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ftedit.errors import InputError, MissingInputError, OutputDirError
 from ftedit.models import load_model
 from ftedit.retention.finetune import DownstreamConfig
 from ftedit.retention.report import write_report
@@ -26,7 +27,7 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
     for v in values:
         key, sep, value = v.partition("=")
         if not sep or key not in TASK_KINDS:
-            raise ValueError(f"{option} {v!r}: expected KIND=VALUE with KIND in {TASK_KINDS}")
+            raise InputError(f"{option} {v!r}: expected KIND=VALUE with KIND in {TASK_KINDS}")
         out[key] = value
     return out
 
@@ -35,11 +36,11 @@ def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any])
     """``--task lm=FILE --threshold lm=3.0`` -> TaskConfigs (shared n_train, n_val, max_length, seed)."""
     sources = _pairs(tasks, "--task")
     if len(sources) != len(tasks):
-        raise ValueError("--task: each task kind may be given once")
+        raise InputError("--task: each task kind may be given once")
     limits = _pairs(thresholds, "--threshold")
     unknown = set(limits) - set(sources)
     if unknown:
-        raise ValueError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
+        raise InputError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
     configs = []
     for kind, source in sources.items():
         text = limits.get(kind)
@@ -47,7 +48,7 @@ def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any])
         try:
             value = float(text[4:] if relative else text) if text else None
         except ValueError as e:
-            raise ValueError(f"--threshold {kind}={text}: expected a number or rel:FACTOR") from e
+            raise InputError(f"--threshold {kind}={text}: expected a number or rel:FACTOR") from e
         configs.append(TaskConfig(kind, source, threshold=value, relative=relative, **common))
     return configs
 
@@ -55,7 +56,7 @@ def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any])
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--from-edit {folder}: no manifest.json (is it an `ftedit edit` output folder?)")
+        raise MissingInputError(f"--from-edit {folder}: no manifest.json (is it an `ftedit edit` output folder?)")
     return json.loads(path.read_text())
 
 
@@ -77,14 +78,14 @@ def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, d
                   progress: bool, console: Console) -> dict[str, Any]:
     out = Path(out)
     if (out / "result.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a study; pass --overwrite to replace it")
+        raise OutputDirError(f"{out} already holds a study", hint="pass --overwrite to replace it")
     manifest = edited = None
     if cfg.from_edit:
         manifest = _read_manifest(Path(cfg.from_edit))
         model = model or manifest["base_model"]["spec"]
         model_dir = Path(cfg.from_edit) / "model"
         if not model_dir.is_dir():
-            raise FileNotFoundError(f"--from-edit {cfg.from_edit}: no model/ folder (edit saved with --save none?)")
+            raise MissingInputError(f"--from-edit {cfg.from_edit}: no model/ folder (edit saved with --save none?)")
         edited, _, _ = load_model(str(model_dir), device=device, dtype=dtype)
         cfg.method = manifest.get("recipe", cfg.method)
     base, tok, identity = load_model(model or "demo", device=device, dtype=dtype)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftedit.errors import InputError
 from ftedit.retention.stopping import StoppingRule
 from ftedit.retention.tasks import DownstreamTask
 
@@ -78,7 +79,7 @@ def finetune(model: nn.Module, task: DownstreamTask, rule: StoppingRule, cfg: Do
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     log = RunLog(trainable_parameters=sum(p.numel() for p in params))
     if not params:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise InputError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     batches = _batches(task.train_items, cfg.batch_size, cfg.seed)
     model.train()

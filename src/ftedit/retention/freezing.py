@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
+from ftedit.errors import InputError, MissingInputError
 from ftedit.params import SelectionError, block_roles, find_blocks, parse_layers
 
 logger = logging.getLogger(__name__)
@@ -121,20 +122,20 @@ def touched_modules(manifest: Mapping[str, Any] | Sequence[Mapping[str, Any]] | 
         path = Path(manifest)
         path = path / "manifest.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"edit manifest not found: {path}")
+            raise MissingInputError(f"edit manifest not found: {path}")
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            raise InputError(f"{path}: not valid JSON ({e})") from e
     if isinstance(manifest, Mapping):
         touched = manifest.get("touched")
         modules = touched.get("modules") if isinstance(touched, Mapping) else touched
         if not isinstance(modules, list) or not modules:
-            raise ValueError("edit manifest has no touched.modules list: was it written by `ftedit edit`?")
+            raise InputError("edit manifest has no touched.modules list: was it written by `ftedit edit`?")
         manifest = modules
     for i, entry in enumerate(manifest):
         if not isinstance(entry, Mapping) or "name" not in entry:
-            raise ValueError(f"edit manifest touched.modules[{i}]: expected an object with 'name', got {entry!r}")
+            raise InputError(f"edit manifest touched.modules[{i}]: expected an object with 'name', got {entry!r}")
     return [dict(e) for e in manifest]
 
 
@@ -208,6 +209,6 @@ def apply_strategy(model: nn.Module, spec: str, touched=None) -> FreezeHandle:
         return freeze_all_but_window(model, arg)
     if kind == "edits" and not arg:
         if touched is None:
-            raise ValueError("strategy 'edits' needs the edit's manifest (touched modules)")
+            raise InputError("strategy 'edits' needs the edit's manifest (touched modules)")
         return protect_edits(model, touched)
-    raise ValueError(f"unknown freezing strategy {spec!r}; expected {STRATEGY_HELP}")
+    raise InputError(f"unknown freezing strategy {spec!r}; expected {STRATEGY_HELP}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftedit.errors import InputError
+
 DIRECTIONS = ("below", "above")
 
 
@@ -22,9 +24,9 @@ class StoppingRule:
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"stopping direction must be one of {DIRECTIONS}, got {self.direction!r}")
+            raise InputError(f"stopping direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.max_steps < 0 or self.eval_every < 1:
-            raise ValueError(f"need max_steps >= 0 and eval_every >= 1, got {self.max_steps}, {self.eval_every}")
+            raise InputError(f"need max_steps >= 0 and eval_every >= 1, got {self.max_steps}, {self.eval_every}")
 
     def reached(self, value: float) -> bool:
         if self.threshold is None:

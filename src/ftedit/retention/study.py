@@ -20,6 +20,7 @@ from torch import nn
 
 from ftedit.data.loaders import load_pool_facts, load_requests
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 from ftedit.methods import apply_method
 from ftedit.retention.filtering import MentionFilter, edit_terms
 from ftedit.retention.finetune import DownstreamConfig, finetune
@@ -62,11 +63,11 @@ class StudyConfig:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+            raise InputError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not self.tasks or not self.strategies:
-            raise ValueError("a study needs at least one downstream task and one freezing strategy")
+            raise InputError("a study needs at least one downstream task and one freezing strategy")
         if self.from_edit and self.protocol == "single":
-            raise ValueError("--from-edit holds one (mass) edit; the single protocol edits each fact itself")
+            raise InputError("--from-edit holds one (mass) edit; the single protocol edits each fact itself")
 
 
 @dataclass
@@ -226,7 +227,7 @@ def load_edit_requests(cfg: StudyConfig, manifest: dict[str, Any] | None) -> lis
     if manifest is not None:
         return [EditRequest.from_dict(e) for e in manifest["edits"]]
     if not cfg.edits:
-        raise ValueError("give the edit requests (--edits FILE) or an edited output folder (--from-edit DIR)")
+        raise InputError("give the edit requests (--edits FILE) or an edited output folder (--from-edit DIR)")
     loaded = load_requests(cfg.edits, n=cfg.n_edits, offset=cfg.offset, skip_invalid=True)
     for issue in loaded.skipped:
         logger.warning("skipped edit: %s", issue)

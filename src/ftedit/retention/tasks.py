@@ -14,6 +14,7 @@ mention an edited subject or object (:mod:`ftedit.retention.filtering`) before s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftedit.data.loaders import load_pool_facts
+from ftedit.data.text import read_text
+from ftedit.errors import InputError
 from ftedit.evaluate.probes import knows_batch
 from ftedit.evaluate.scoring import score_pairs
 from ftedit.forward import body_hidden, lm_parts, model_device, per_example_nll
@@ -64,7 +67,7 @@ class TaskConfig:
 
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
-            raise ValueError(f"unknown downstream task {self.kind!r}; expected one of {TASK_KINDS}")
+            raise InputError(f"unknown downstream task {self.kind!r}; expected one of {TASK_KINDS}")
 
     @property
     def name(self) -> str:
@@ -82,34 +85,35 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
 
         return [dict(r) for r in load_dataset(source[len(HF_PREFIX):], split=split)]
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"downstream data not found: {path}")
+    text = read_text(path, "data file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [{"text": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+        return [{"text": line.strip()} for line in text.splitlines() if line.strip()]
     if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
+            raise InputError(f"{path}: expected a JSON list of records")
         return data
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {i}: invalid JSON ({e})") from e
+                    raise InputError(f"{path}, line {i}: invalid JSON ({e})") from e
         return rows
-    raise ValueError(f"{path}: unsupported downstream data format {suffix!r} (use .jsonl, .json, .csv or .txt)")
+    raise InputError(f"{path}: unsupported downstream data format {suffix!r} (use .jsonl, .json, .csv or .txt)")
 
 
 def _field(row: dict, key: str, source: str, index: int) -> Any:
     if not isinstance(row, dict) or key not in row or row[key] in (None, ""):
-        raise ValueError(f"{source}, record {index}: missing field {key!r}")
+        raise InputError(f"{source}, record {index}: missing field {key!r}")
     return row[key]
 
 
@@ -230,7 +234,7 @@ class ClassificationTask(DownstreamTask):
 def _split(items: list, cfg: TaskConfig, val_in_train: bool = False) -> tuple[list, list]:
     random.Random(cfg.seed).shuffle(items)
     if len(items) < cfg.n_val + (0 if val_in_train else 1):
-        raise ValueError(f"{cfg.source}: only {len(items)} usable records after filtering; "
+        raise InputError(f"{cfg.source}: only {len(items)} usable records after filtering; "
                          f"need more than n_val={cfg.n_val}")
     if val_in_train:
         train = items[:cfg.n_train]
@@ -264,7 +268,7 @@ def build_task(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model: 
     kept, removed = mention_filter.keep(rows_ok, lambda x: x[0])
     labels = sorted({label for _, label in kept})
     if labels != list(range(len(labels))) or len(labels) < 2:
-        raise ValueError(f"{cfg.source}: field {cfg.label_field!r} must hold integer classes 0..K-1 (K >= 2), "
+        raise InputError(f"{cfg.source}: field {cfg.label_field!r} must hold integer classes 0..K-1 (K >= 2), "
                          f"got {labels[:10]}")
     items = [(_truncate(encode_prompt(tok, text), cfg.max_length), label) for text, label in kept]
     train, val = _split(items, cfg)
@@ -274,11 +278,11 @@ def build_task(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model: 
 def _label(row: dict, cfg: TaskConfig, index: int) -> int:
     value = row.get(cfg.label_field) if isinstance(row, dict) else None
     if value is None or value == "":
-        raise ValueError(f"{cfg.source}, record {index}: missing field {cfg.label_field!r}")
+        raise InputError(f"{cfg.source}, record {index}: missing field {cfg.label_field!r}")
     try:
         return int(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg.source}, record {index}: field {cfg.label_field!r} is not an integer class") from e
+        raise InputError(f"{cfg.source}, record {index}: field {cfg.label_field!r} is not an integer class") from e
 
 
 def _sft_pair(tok, prompt: str, response: str, max_length: int) -> EncodedPair | None:
@@ -291,7 +295,7 @@ def _sft_pair(tok, prompt: str, response: str, max_length: int) -> EncodedPair |
 
 def _build_facts(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model, exclude_prompts: set[str]):
     if base_model is None:
-        raise ValueError("the facts task needs the base model to select facts it does not know")
+        raise InputError("the facts task needs the base model to select facts it does not know")
     facts = [f for f in load_pool_facts(cfg.source, split=cfg.split, skip_invalid=True)
              if f.prompt not in exclude_prompts]
     kept, removed = mention_filter.keep(facts, lambda f: f"{f.prompt} {f.target}")
