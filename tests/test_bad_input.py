@@ -170,6 +170,8 @@ def test_bad_options_and_configs_are_refused_before_loading_the_model(tmp_path, 
         (["--config", tmp_path / "none.yaml"], ["none.yaml", "no such file"]),
         (["--config", utf16_yaml], ["train.epochs", "at least 1"]),  # UTF-16 config read, then validated
         (["--recipe", "nosuch"], ["unknown recipe 'nosuch'"]),
+        (["--layers", "abc"], ["params.layers 'abc'"]),
+        (["--set", "params.modules=down,ffn"], ["unknown module 'ffn'"]),
         (["--save", "adapter"], ["--save adapter", "params.method=lora"]),
         (["--save", "everything"], ["--save 'everything'"]),
         (["--dtype", "int3"], ["unknown dtype 'int3'"]),

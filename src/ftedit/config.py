@@ -95,6 +95,7 @@ class EditConfig:
         if self.sequential_batch < 1 or self.params.lora_r < 1:
             raise ConfigError("sequential_batch and params.lora_r must be at least 1")
         _check_numbers(self)
+        _check_locations(self)
         try:
             self.augment.validate()
         except ValueError as e:
@@ -110,6 +111,19 @@ _BOUNDS = {
 }
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 _PRECISIONS = ("auto", "bf16", "no")
+
+
+def _check_locations(cfg: EditConfig) -> None:
+    from ftedit.params import SelectionError, check_layer_syntax, expand_modules
+
+    try:
+        if cfg.params.layers != "auto":
+            check_layer_syntax(cfg.params.layers)
+        check_layer_syntax(cfg.locate.layers, "locate.layers")
+        expand_modules(cfg.params.modules)
+        expand_modules(cfg.locate.modules)
+    except SelectionError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_numbers(cfg: EditConfig) -> None:

@@ -136,6 +136,16 @@ def parse_layers(spec: str | int | list[int] | tuple[int, ...], n_layers: int) -
     return resolved
 
 
+def check_layer_syntax(spec: str | int | list[int] | tuple[int, ...], field: str = "params.layers") -> None:
+    """Raise :class:`SelectionError` for a layer spec that no model could resolve (checked before loading one)."""
+    try:
+        parse_layers(spec, 1 << 20)
+    except SelectionError:
+        raise
+    except (ValueError, TypeError):
+        raise SelectionError(f"{field} {spec!r}: expected e.g. 15, 15,16, -3:, 4:8, all or frac:0.66") from None
+
+
 def expand_modules(modules: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [m.strip() for m in modules.split(",")] if isinstance(modules, str) else list(modules)
     roles: list[str] = []
