@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import ftedit.baselines.run
 import ftedit.runner
 from ftedit.cli import app
 from ftedit.errors import EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT
@@ -48,6 +49,7 @@ def no_model_load(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
     monkeypatch.setattr(ftedit.runner, "load_model", load_model)
+    monkeypatch.setattr(ftedit.baselines.run, "load_model", load_model)
 
 
 def invoke(*args: str):
@@ -171,6 +173,9 @@ def test_bad_options_and_configs_are_refused_before_loading_the_model(tmp_path, 
         (["--config", utf16_yaml], ["train.epochs", "at least 1"]),  # UTF-16 config read, then validated
         (["--recipe", "nosuch"], ["unknown recipe 'nosuch'"]),
         (["--layers", "abc"], ["params.layers 'abc'"]),
+        (["--recipe", "memit", "--set", "nosuch=1"], ["unknown config field 'nosuch'"]),
+        (["--recipe", "rome", "--save", "adapter"], ["--save adapter"]),
+        (["--recipe", "rome", "--resume"], ["--resume and --quantize apply to fine-tuning recipes"]),
         (["--set", "params.modules=down,ffn"], ["unknown module 'ffn'"]),
         (["--save", "adapter"], ["--save adapter", "params.method=lora"]),
         (["--save", "everything"], ["--save 'everything'"]),

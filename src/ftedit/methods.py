@@ -17,6 +17,7 @@ from torch import nn
 from ftedit.config import recipe_names, resolve_config
 from ftedit.data.examples import PoolFact
 from ftedit.data.requests import EditRequest
+from ftedit.errors import InputError
 
 # Baseline name -> "module:function". Each function has the signature of ``apply_method`` below (minus the
 # name) and returns an ``AppliedEdit``. Imported lazily: the baselines pull in statistics code nobody else needs.
@@ -46,6 +47,29 @@ def method_names() -> list[str]:
     return list(dict.fromkeys(recipe_names() + sorted(BASELINES)))
 
 
+def _baseline(name: str) -> Callable[..., AppliedEdit]:
+    module, _, function = BASELINES[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _check_name(name: str) -> None:
+    if name not in BASELINES and name not in recipe_names():
+        raise InputError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+
+
+def check_method_config(name: str, config_file: str | None = None,
+                        overrides: list[str] | dict[str, Any] | None = None) -> None:
+    """Resolve a method's config without a model, so unknown fields and bad values fail before one loads."""
+    _check_name(name)
+    hparams_cls = getattr(_baseline(name), "hparams_cls", None) if name in BASELINES else None
+    if hparams_cls is not None:
+        from ftedit.baselines.common import resolve_hparams
+
+        resolve_hparams(hparams_cls, config_file, overrides)
+    elif name in recipe_names():
+        resolve_config(name, config_file, overrides)
+
+
 def apply_method(
     name: str,
     model: nn.Module,
@@ -60,12 +84,9 @@ def apply_method(
 ) -> AppliedEdit:
     """Edit ``model`` in place with a recipe (see ``ftedit recipes``) or a baseline (``BASELINES``)."""
     if name in BASELINES:
-        module, _, function = BASELINES[name].partition(":")
-        apply = getattr(importlib.import_module(module), function)
-        return apply(model, tok, requests, overrides=overrides, config_file=config_file, pool=pool,
-                     progress=progress, model_fingerprint=model_fingerprint)
-    if name not in recipe_names():
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+        return _baseline(name)(model, tok, requests, overrides=overrides, config_file=config_file, pool=pool,
+                               progress=progress, model_fingerprint=model_fingerprint)
+    _check_name(name)
     from ftedit.editor import edit
 
     cfg = resolve_config(name, config_file, overrides)

@@ -481,6 +481,7 @@ def method_entry(method: str, hparams_cls, apply_to_model):
         return applied_edit(method, model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
 
     apply.__name__ = apply.__qualname__ = f"apply_{method}"
+    apply.hparams_cls = hparams_cls  # lets callers check a config before loading a model
     return apply
 
 

@@ -15,7 +15,7 @@ from ftedit.atomic import atomic_directory, write_json_atomic
 from ftedit.data.loaders import load_requests
 from ftedit.errors import UsageError
 from ftedit.evaluate import compare, evaluate_requests
-from ftedit.methods import apply_method
+from ftedit.methods import apply_method, check_method_config
 from ftedit.models import load_model
 from ftedit.outputs import prepare_output_dir, report_interruption, request_hash
 from ftedit.preflight import check_edit_options
@@ -28,6 +28,7 @@ def run_baseline_edit(*, data, out: Path, model, recipe, config_file, overrides,
     check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=None)
     if save not in ("model", "none"):
         raise UsageError(f"--save {save}: {recipe} edits weights directly; use --save model or none")
+    check_method_config(recipe, config_file, overrides)
     out = prepare_output_dir(out, overwrite=overwrite, base_model=model)
     if pool:
         logger.warning("%s does not use a fact pool; ignoring --pool %s", recipe, pool)
