@@ -54,8 +54,8 @@ def _fmt(value) -> str:
 
 
 def resume_command(argv: list[str] | None = None) -> str:
-    """This command line with --resume (and without --overwrite): how to continue an interrupted edit."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    """This command line with --resume: how to continue an interrupted edit."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     return shlex.join(["ftedit", *args, "--resume"])
 
 

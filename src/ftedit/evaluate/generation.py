@@ -39,6 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ftedit.data.requests import EditRequest
+from ftedit.data.text import read_text
+from ftedit.errors import InputError
 from ftedit.evaluate.common import mean, percent
 from ftedit.evaluate.scoring import model_device
 from ftedit.tokenization import encode_prompt, encode_target, left_padded
@@ -214,7 +216,10 @@ def n_gram_entropy(texts: Sequence[str]) -> float:
 def load_snippets(path: str | Path) -> dict[str, dict[str, list[str]]]:
     """``relation_id -> target_id -> [text]`` from ROME's attribute_snippets.json (a list of
     ``{relation_id, target_id, samples: [{name, text}]}``) or from that nesting already as a dict."""
-    raw = json.loads(Path(path).read_text())
+    try:
+        raw = json.loads(read_text(path, "snippets file"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     snips: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     if isinstance(raw, list):
         for el in raw:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ftedit.data.text import read_text
+from ftedit.errors import InputError
 from ftedit.evaluate.scoring import score_encoded
 from ftedit.tokenization import EncodedPair, encode_prompt
 
@@ -34,14 +36,24 @@ class PerplexityResult:
 def load_texts(path: str | Path, n: int | None = 200, offset: int = 0, field: str = "text") -> list[str]:
     """Texts ``offset .. offset+n-1`` of a JSONL file (one object per line, ``field`` holding the text)."""
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i < offset or not line.strip():
-                continue
-            if n is not None and len(texts) >= n:
-                break
-            texts.append(json.loads(line)[field])
+    for i, line in enumerate(read_text(path, "JSONL file").splitlines()):
+        if i < offset or not line.strip():
+            continue
+        if n is not None and len(texts) >= n:
+            break
+        texts.append(_text_field(line, path, i + 1, field))
     return texts
+
+
+def _text_field(line: str, path: str | Path, line_no: int, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
+    value = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        raise InputError(f"{path}, line {line_no}, field '{field}': missing, or not a string")
+    return value
 
 
 def perplexity(
