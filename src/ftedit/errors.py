@@ -13,7 +13,7 @@ Exit codes:
 2     bad input: edit requests, config, recipe, ``--set`` values, command-line options
 3     the model could not be found or loaded
 4     the output directory cannot be used (exists, not ftedit's, not writable)
-5     a run failed on valid input (evaluation or editing could not proceed)
+5     any other ftedit error: a run that cannot proceed (the base class's code)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
 """
@@ -37,11 +37,10 @@ class FteditError(Exception):
     """Base of every error ftedit reports to a user: a message, an optional hint and an exit code."""
 
     exit_code = EXIT_RUN
-    default_hint: str | None = None
 
     def __init__(self, message: str = "", *, hint: str | None = None, exit_code: int | None = None):
         super().__init__(message)
-        self.hint = hint if hint is not None else self.default_hint
+        self.hint = hint
         if exit_code is not None:
             self.exit_code = exit_code
 
@@ -64,12 +63,6 @@ class OutputDirError(FteditError, FileExistsError):
     """An output location that cannot be used: exists, holds files ftedit did not write, or is not writable."""
 
     exit_code = EXIT_OUTPUT
-
-
-class RunError(FteditError, RuntimeError):
-    """A run that could not proceed on valid input."""
-
-    exit_code = EXIT_RUN
 
 
 class Interrupted(FteditError):
@@ -109,6 +102,6 @@ def report_errors(verbose: Callable[[], bool] = lambda: False, passthrough: tupl
         _write(["interrupted"])
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception:
-        _write([traceback.format_exc(), "error: unexpected failure (a bug in ftedit, not a problem with your input); please report it "
-                "with the command and the traceback above"])
+        _write([traceback.format_exc(), "error: unexpected failure (a bug in ftedit, not a problem with your "
+                                        "input); please report it with the command and the traceback above"])
         raise SystemExit(EXIT_BUG) from None
