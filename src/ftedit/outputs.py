@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -131,28 +132,35 @@ def _discard_unsaved(out: Path, existed: bool) -> None:
         out.rmdir()
 
 
-def interrupted_edit(out: Path, existed: bool, resume_command: str) -> Interrupted:
-    """The error for Ctrl-C during an edit writing to ``out``: what was kept, and the command to continue."""
+def edit_command(argv: Sequence[str] | None, resume: bool) -> str:
+    """``ftedit ARGV`` with or without ``--resume`` (a description when the arguments are unknown)."""
+    if argv is None:
+        return "the same command" + (" with --resume" if resume else " again")
+    return shlex.join(["ftedit", *[a for a in argv if a != "--resume"], *(["--resume"] if resume else [])])
+
+
+def interrupted_edit(out: Path, existed: bool, argv: Sequence[str] | None = None) -> Interrupted:
+    """The error for Ctrl-C during an edit writing to ``out`` (run with arguments ``argv``): what was kept, and
+    the command that continues."""
     out = Path(out)
     state = checkpoint_state(out)
     if state is None:
         _discard_unsaved(out, existed)
-        again = resume_command.removesuffix(" --resume")
         return Interrupted(f"interrupted before the first checkpoint: nothing was saved in {out}",
-                           hint=f"start over with: {again}")
+                           hint=f"start over with: {edit_command(argv, resume=False)}")
     return Interrupted(f"interrupted: no edited model was written; training progress is saved in {state}",
-                       hint=f"continue with: {resume_command}")
+                       hint=f"continue with: {edit_command(argv, resume=True)}")
 
 
 @contextmanager
-def report_interruption(out: Path, resume_command: str) -> Iterator[None]:
+def report_interruption(out: Path, argv: Sequence[str] | None = None) -> Iterator[None]:
     """Turn Ctrl-C inside the block into :class:`Interrupted` describing ``out`` (temp folders are already gone:
     :func:`~ftedit.atomic.atomic_directory` removes its own)."""
     existed = Path(out).exists()
     try:
         yield
     except KeyboardInterrupt:
-        raise interrupted_edit(out, existed, resume_command) from None
+        raise interrupted_edit(out, existed, argv) from None
 
 
 def request_hash(request: EditRequest) -> str:

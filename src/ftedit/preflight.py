@@ -33,8 +33,8 @@ def check_device(device: str | None, dtype: str | None) -> None:
 
 
 def check_edit_options(*, model: str, n: int | None, offset: int, save: str, device: str | None,
-                       dtype: str | None, quantize: str | None, method: str | None = None) -> None:
-    """Options of ``ftedit edit``; ``method`` is the recipe's params.method (None for a baseline)."""
+                       dtype: str | None, quantize: str | None) -> None:
+    """Options of ``ftedit edit`` that need neither the model nor the method's config."""
     check_selection(n, offset)
     check_device(device, dtype)
     check_model_spec(model)
@@ -42,12 +42,6 @@ def check_edit_options(*, model: str, n: int | None, offset: int, save: str, dev
         raise UsageError(f"--save {save!r}: use one of {', '.join(SAVE_MODES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UsageError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
-    if save == "adapter" and method != "lora":
-        raise UsageError("--save adapter needs LoRA training (--set params.method=lora); full-weight edits "
-                         "save the model (--save model)")
-    if quantize and (method != "lora" or save == "model"):
-        raise UsageError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
-                         "(--set params.method=lora) and save them with --save adapter")
 
 
 def check_output_file(out: Path) -> None:

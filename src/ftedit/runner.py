@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,11 +52,6 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def resume_command(argv: list[str] | None = None) -> str:
-    """This command line with --resume: how to continue an interrupted edit."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-    return shlex.join(["ftedit", *args, "--resume"])
-
 
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
              evaluate, overwrite, device, dtype, progress, console: Console, resume: bool = False,
@@ -75,8 +69,13 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
                                  save=save, evaluate=evaluate, overwrite=overwrite, device=device, dtype=dtype,
                                  progress=progress, console=console)
     cfg = resolve_config(recipe, config_file, overrides)
-    check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=quantize,
-                       method=cfg.params.method)
+    check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=quantize)
+    if save == "adapter" and cfg.params.method != "lora":
+        raise UsageError("--save adapter needs LoRA training (--set params.method=lora); full-weight edits "
+                         "save the model (--save model)")
+    if quantize and (cfg.params.method != "lora" or save == "model"):
+        raise UsageError(f"--quantize {quantize}: quantized base weights are frozen; train LoRA adapters "
+                         "(--set params.method=lora) and save them with --save adapter")
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume, base_model=model)
     parallel = DataParallel()
     if parallel.sharded:  # FSDP: load on CPU, then each process keeps its shard on its device
@@ -99,7 +98,7 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     facts = load_pool_facts(pool) if pool else None
     history = find_ledger(model)
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
-    with report_interruption(out, resume_command()):
+    with report_interruption(out, sys.argv[1:]):
         torch.manual_seed(cfg.train.seed)
         base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
         if parallel.sharded:

@@ -3,6 +3,7 @@ the closed-form baselines, which have hyperparameters of their own instead of a 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ftedit.preflight import check_edit_options
 
 def run_baseline_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid,
                       save, evaluate, overwrite, device, dtype, progress, console: Console) -> dict:
-    from ftedit.runner import logger, print_eval, resume_command
+    from ftedit.runner import logger, print_eval
 
     check_edit_options(model=model, n=n, offset=offset, save=save, device=device, dtype=dtype, quantize=None)
     if save not in ("model", "none"):
@@ -35,7 +36,7 @@ def run_baseline_edit(*, data, out: Path, model, recipe, config_file, overrides,
     loaded = load_requests(data, n=n, offset=offset, skip_invalid=skip_invalid)
     for issue in loaded.skipped:
         logger.warning("skipped: %s", issue)
-    with report_interruption(out, resume_command()):
+    with report_interruption(out, sys.argv[1:]):
         torch.manual_seed(0)
         base, tok, identity = load_model(model, device=device, dtype=dtype)
         pre = evaluate_requests(base, tok, loaded.requests, progress=progress, missing="count") if evaluate else None
