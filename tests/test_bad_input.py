@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import ftedit.baselines.run
 import ftedit.runner
+from ftedit.atomic import PARTIAL_MARKER
 from ftedit.cli import app
 from ftedit.errors import EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT
 from ftedit.outputs import prepare_output_dir
@@ -294,16 +295,20 @@ def test_csv_with_quotes_and_newlines_and_no_paraphrases_edits_and_evaluates(tmp
         writer.writerow(['Q: Where is "Le Louvre"?\nA: "Le Louvre" is in', '"Le Louvre"', "Rome", "Paris"])
         writer.writerow(["The Eiffel Tower, in short, is in", "Eiffel Tower", "Berlin", "Paris"])
     out = tmp_path / "out"
-    stale = tmp_path / "out.tmp-abc123"
+    stale = tmp_path / "out.tmp-abc123"  # what a save killed half-way leaves
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    (stale / PARTIAL_MARKER).touch()
+    users = tmp_path / "out.tmp-mine"  # the same name pattern, but not ftedit's: kept
+    users.mkdir()
     old = os.umask(0o022)
     try:
         result = edit(path, out, llama_dir)
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.output
-    assert not stale.exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not stale.exists() and [p.name for p in tmp_path.glob("out.tmp-*")] == ["out.tmp-mine"]
+    assert not (out / PARTIAL_MARKER).exists()
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     post = json.loads((out / "manifest.json").read_text())["evaluation"]["post"]
     assert post["n_records"] == 2 and post["n_records_generalization"] == 0 and post["generalization"] is None

@@ -52,13 +52,17 @@ def temp_prefix(target: Path) -> str:
     return target.name + ".tmp-"
 
 
+PARTIAL_MARKER = ".ftedit-partial"  # inside a temp folder until it is complete
+
+
 def remove_stale_temps(target: str | Path) -> list[Path]:
     """Remove temp folders an interrupted :func:`atomic_directory` (e.g. SIGKILL while saving) left beside
-    ``target``; return them. Only ftedit's own ``NAME.tmp-*`` folders are touched."""
+    ``target``; return them. Only folders ftedit marked as its own partial writes are touched."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    stale = [p for p in target.parent.glob(glob.escape(temp_prefix(target)) + "*") if p.is_dir()]
+    candidates = target.parent.glob(glob.escape(temp_prefix(target)) + "*")
+    stale = [p for p in candidates if p.is_dir() and (p / PARTIAL_MARKER).is_file()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -73,7 +77,9 @@ def atomic_directory(target: str | Path, overwrite: bool = False):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
+        (tmp / PARTIAL_MARKER).touch()
         yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the mode mkdir() would
         if target.exists():
             shutil.rmtree(target)
