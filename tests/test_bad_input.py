@@ -126,6 +126,16 @@ def test_directory_and_missing_file_as_data(tmp_path, llama_dir, no_model_load):
                    "no such file")
 
 
+def test_unreachable_hub_dataset(tmp_path, llama_dir, monkeypatch, no_model_load):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nosuch/facts' on the Hub")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert_refused(edit("hf:nosuch/facts", tmp_path / "out", llama_dir), EXIT_INPUT, "hf:nosuch/facts[train]",
+                   "could not load the Hub dataset", "Couldn't reach")
+
+
 def test_skip_invalid_edits_the_rest_and_reports_the_skipped(tmp_path, llama_dir):
     path = _write(tmp_path / "facts.jsonl", "\n".join(json.dumps(r) for r in [
         fact(), fact(), fact(prompt="The capital of Spain is", subject="Spain", target="Madrid",

@@ -176,7 +176,12 @@ def _read_hf(name: str, split: str, offset: int, n: int | None) -> list[_Raw]:
     # Imported here: `datasets` is slow to import and only this path needs it.
     from datasets import load_dataset
 
-    ds = load_dataset(name, split=split)
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # the hub's and datasets' own errors: unknown name, split, no network
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise _file_error(f"{HF_PREFIX}{name}[{split}]", f"could not load the Hub dataset ({reason})",
+                          hint="check the name and split, or whether this machine can reach the hub") from e
     stop = len(ds) if n is None else min(len(ds), offset + n)
     start = min(offset, stop)
     return [_Raw(start + i, dict(row)) for i, row in enumerate(ds.select(range(start, stop)))]
