@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import json
 import os
 import shlex
@@ -335,6 +336,14 @@ def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(tmp_path,
     assert result.exit_code == EXIT_BUG
     assert "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
     assert "please report it" in result.output
+
+
+def test_a_full_disk_is_reported_without_a_traceback(tmp_path, llama_dir, data_dir, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+    monkeypatch.setattr(ftedit.runner, "load_requests", full)
+    assert_refused(edit(data_dir / ROME_FIXTURE, tmp_path / "out", llama_dir), EXIT_OUTPUT,
+                   "No space left on device", str(tmp_path / "out"))
 
 
 def test_verbose_shows_the_traceback_of_a_domain_error(tmp_path, llama_dir, no_model_load):

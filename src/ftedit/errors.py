@@ -12,7 +12,7 @@ Exit codes:
 1     an unexpected error (a bug: traceback, please report it), or a failed bench entry
 2     bad input: edit requests, config, recipe, ``--set`` values, command-line options
 3     the model could not be found or loaded
-4     the output directory cannot be used (exists, not ftedit's, not writable)
+4     the output directory cannot be used (exists, not ftedit's, not writable), or the disk is full
 5     any other ftedit error: a run that cannot proceed (the base class's code)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================
@@ -20,6 +20,7 @@ Exit codes:
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ EXIT_MODEL = 3
 EXIT_OUTPUT = 4
 EXIT_RUN = 5
 EXIT_INTERRUPTED = 130
+
+# Failures of the machine, not of ftedit: reported without a traceback (exit 4).
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class FteditError(Exception):
@@ -101,7 +105,10 @@ def report_errors(verbose: Callable[[], bool] = lambda: False, passthrough: tupl
     except KeyboardInterrupt:
         _write(["interrupted"])
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except Exception:
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in _FULL_OR_READ_ONLY:
+            _write([f"error: {e.strerror}: {e.filename}", "hint: free some space, or write somewhere else"])
+            raise SystemExit(EXIT_OUTPUT) from None
         _write([traceback.format_exc(), "error: unexpected failure (a bug in ftedit, not a problem with your "
                                         "input); please report it with the command and the traceback above"])
         raise SystemExit(EXIT_BUG) from None
