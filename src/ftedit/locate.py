@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
-from ftedit.config import EditConfig, LocateConfig
+from ftedit.config import EditConfig, LocateConfig, resolve_config
 from ftedit.data.requests import EditRequest
 from ftedit.evaluate.common import harmonic_mean, mean, percent
 from ftedit.models import cache_dir
@@ -265,6 +265,15 @@ def scorable(requests: Sequence[EditRequest]) -> bool:
     return bool(requests) and all(r.paraphrase_prompts and r.neighborhood for r in requests)
 
 
+def resolve_location(model: nn.Module, tok, config: EditConfig, requests: Sequence[EditRequest],
+                     progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
+    """The config to edit with, and the manifest's location record: ``params.layers=auto`` searched (or taken
+    from the cache, or the fallback), any other ``params.layers`` as configured."""
+    if config.params.layers != "auto":
+        return config, {"source": "config"}
+    return choose_location(model, tok, requests, config, progress, model_fingerprint)
+
+
 def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
                     progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
     """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest.
@@ -294,6 +303,33 @@ def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], conf
               "strategy": result.strategy, "cached": result.cached, "n_candidates": len(result.candidates),
               "n_trials": len(result.trials), "trial_metrics": result.best_metrics(), "seconds": result.seconds}
     return chosen, record
+
+
+STRATEGIES = ("exhaustive", "halving", "both")
+
+
+def run_sweeps(*, data, out: Path, model, recipe, overrides, strategy, n, offset, device, dtype,
+               progress) -> dict[str, SweepResult]:
+    """``ftedit locate``: load the model and edits, run the sweep(s) and write each report to ``out/<strategy>``."""
+    from ftedit.data.loaders import load_requests
+    from ftedit.models import load_model
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy {strategy!r}: expected one of {STRATEGIES}")
+    cfg = resolve_config(recipe, None, overrides)
+    if n is not None:
+        cfg.locate.n_edits = n
+    loaded = load_requests(data, n=cfg.locate.n_edits, offset=offset)
+    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    title = f"{identity.name_or_path.split('/')[-1]}, {len(loaded.requests)} edits, trials: {recipe}"
+    results = {}
+    for name in ("halving", "exhaustive") if strategy == "both" else (strategy,):
+        settings = replace(cfg.locate, strategy=name)
+        result = sweep(base, tok, loaded.requests, cfg, settings, progress=progress,
+                       model_fingerprint=identity.fingerprint)
+        write_report(Path(out) / name, result, identity.to_dict(), title)
+        results[name] = result
+    return results
 
 
 # -- reports -------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,15 @@ class Stepper:
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                                    num_training_steps=total)
         self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scheduler and step count, for a resumable checkpoint."""
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
 
     def accumulate(self, score: Scorer, micro_batches: list[list[int]], objective, ref) -> float:
         """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once."""

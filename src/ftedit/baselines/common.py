@@ -26,6 +26,7 @@ from ftedit.config import merge_sources
 from ftedit.data.requests import EditRequest
 from ftedit.forward import apply_head, body_hidden, label_positions, lm_parts, model_device
 from ftedit.params import Target, find_blocks, parse_layers, select_targets
+from ftedit.registry import AppliedEdit, ApplyContext, TouchedModule
 from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
 
 logger = logging.getLogger(__name__)
@@ -458,26 +459,23 @@ def _least_change(post: nn.Module, current: torch.Tensor, x: torch.Tensor, dtype
 
 
 def applied_edit(method: str, model: nn.Module, hparams, targets: Sequence[Target], snapshot: Snapshot,
-                 seconds: float, details: Any = None, info: dict[str, Any] | None = None):
-    from ftedit.methods import AppliedEdit
-
+                 seconds: float, log: dict[str, Any] | None = None) -> AppliedEdit:
     return AppliedEdit(method=method, model=model, config=dataclasses.asdict(hparams),
-                       touched=[{"name": t.name, "layer": t.layer, "role": t.role} for t in targets],
-                       seconds=seconds, restore=snapshot.restore, details=details, info=info or {})
+                       touched=[TouchedModule(t.name, t.layer, t.role) for t in targets], weights="full",
+                       seconds=seconds, restore_weights=snapshot.restore, seed=hparams.seed,
+                       trainable_parameters=sum(t.module.weight.numel() for t in targets),
+                       phase_seconds={"edit": seconds}, log=log or {})
 
 
-def method_entry(method: str, hparams_cls, apply_to_model):
-    """The ``ftedit.methods.apply_method`` entry point of a closed-form baseline: resolve its hyperparameters
-    (defaults < config file < overrides), run ``apply_to_model`` and return an ``AppliedEdit``."""
+def method_entry(method: str, apply_to_model):
+    """The registry's apply function of a closed-form baseline: run ``apply_to_model`` with the resolved
+    hyperparameters and return an ``AppliedEdit``."""
 
-    def apply(model: nn.Module, tok, requests: Sequence[EditRequest], *,
-              overrides: list[str] | dict[str, Any] | None = None, config_file: str | Path | None = None,
-              pool=None, progress: bool = True, model_fingerprint: str = ""):
-        hparams = resolve_hparams(hparams_cls, config_file, overrides)
+    def apply(model: nn.Module, tok, requests: Sequence[EditRequest], hparams, context: ApplyContext) -> AppliedEdit:
         start = time.perf_counter()
-        snapshot, targets, log = apply_to_model(model, tok, requests, hparams, fingerprint=model_fingerprint,
-                                                progress=progress)
-        return applied_edit(method, model, hparams, targets, snapshot, time.perf_counter() - start, details=log)
+        snapshot, targets, log = apply_to_model(model, tok, requests, hparams, fingerprint=context.model_fingerprint,
+                                                progress=context.progress)
+        return applied_edit(method, model, hparams, targets, snapshot, time.perf_counter() - start, log=log)
 
     apply.__name__ = apply.__qualname__ = f"apply_{method}"
     return apply

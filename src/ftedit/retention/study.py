@@ -141,9 +141,7 @@ def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, p
 
 def _edit(cfg: StudyConfig, model, tok, requests, pool, progress: bool):
     applied = apply_method(cfg.method, model, tok, requests, overrides=cfg.overrides, pool=pool, progress=progress)
-    details = applied.details
-    edited = details.merged_model() if hasattr(details, "merged_model") else applied.model
-    return edited, applied
+    return applied.merged_model(), applied
 
 
 def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bool,
@@ -153,7 +151,7 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bo
     if touched is None:
         pool = load_pool_facts(cfg.method_pool) if cfg.method_pool else None
         model, applied = _edit(cfg, model, tok, prep.requests, pool, progress)
-        touched = applied.touched
+        touched = applied.touched_dicts()
         edit_info.update(seconds=applied.seconds, config=applied.config)
     edit_info["touched"] = touched_modules(touched)
     post = measure(model, tok, prep.probes, "post-edit", 0)
@@ -211,10 +209,10 @@ def run_single(cfg: StudyConfig, model, tok, prep: Prepared, progress: bool,
         state = _state(edited)
         for task in prep.tasks:
             for s in cfg.strategies:
-                run = _one_run(edited, tok, task, s, applied.touched, probes, post, state, cfg, prep.related)
+                run = _one_run(edited, tok, task, s, applied.touched_dicts(), probes, post, state, cfg, prep.related)
                 per_pair.setdefault((task.config.kind, s), []).append(run)
         logger.info("single-edit protocol: edit %d/%d done", i + 1, len(prep.requests))
-        outcome = {"edit": {"method": cfg.method, "seconds": seconds, "touched": applied.touched,
+        outcome = {"edit": {"method": cfg.method, "seconds": seconds, "touched": applied.touched_dicts(),
                             "edits_done": i + 1}, "post_edit": posts,
                    "runs": [_aggregate(v, cfg.downstream.probe_every) for v in per_pair.values()]}
         if on_run is not None:
