@@ -20,7 +20,8 @@ from ftedit.baselines.common import (
 from ftedit.baselines.rome import rank_one_update
 from ftedit.baselines.stats import CorpusError, StatsConfig, mom2
 from ftedit.data.requests import EditRequest
-from ftedit.methods import BASELINES, apply_method, method_names
+from ftedit.methods import apply_method, method_names
+from ftedit.registry import get_method
 from ftedit.tokenization import encode_prompt
 
 REQUESTS = [
@@ -245,9 +246,9 @@ def test_baseline_runs_touches_only_down_projections_and_restores(request, model
         f"stats.corpus={corpus}", "stats.n_samples=6", "stats.max_length=32", "value.steps=4",
         "value.context_lengths=[3]", "value.context_seeds=[The, I]"])
     assert applied.method == method and applied.seconds > 0 and applied.config["stats"]["n_samples"] == 6
-    assert applied.touched and all(t["role"] == "down" for t in applied.touched)
+    assert applied.touched and all(t.role == "down" for t in applied.touched)
     changed = {n for n, p in model.named_parameters() if not p.detach().equal(before[n])}
-    assert changed == {t["name"] + ".weight" for t in applied.touched}
+    assert changed == {t.name + ".weight" for t in applied.touched}
     assert applied.restore() is model
     assert all(p.detach().equal(before[n]) for n, p in model.named_parameters())
 
@@ -284,13 +285,13 @@ def test_ft_l_keeps_weights_within_the_norm_bound(gpt2_model, gpt2_tok):
         diff = (dict(gpt2_model.named_parameters())[n].detach() - before[n]).abs().max().item()
         assert 0 < diff <= 1e-3 + 1e-7
     applied.restore()
-    assert "ft-l" in BASELINES and method_names().count("ft-l") == 1
+    assert method_names().count("ft-l") == 1 and get_method("ft-l").recipe  # FT-L is its recipe, once
 
 
 def test_cli_edit_with_a_baseline_writes_model_and_manifest(tmp_path, llama_model, llama_tok, corpus, data_dir):
     from typer.testing import CliRunner
 
-    from ftedit.cli import app
+    from ftedit.commands import app
 
     base = tmp_path / "tiny-llama"
     llama_model.save_pretrained(base)

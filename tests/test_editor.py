@@ -142,10 +142,12 @@ def test_dpo_term_runs_with_and_without_cache(llama_model, llama_tok):
 def test_manifest_and_saved_model_round_trip(tmp_path, llama_model, llama_tok):
     from transformers import AutoModelForCausalLM
 
+    from ftedit.editor import apply_recipe
     from ftedit.models import identity_of
     from ftedit.outputs import build_manifest, save_edit
+    from ftedit.registry import ApplyContext
 
-    result = edit(llama_model, llama_tok, REQUESTS, _config(train={"epochs": 2}), progress=False)
+    result = apply_recipe(llama_model, llama_tok, REQUESTS, _config(train={"epochs": 2}), ApplyContext(progress=False))
     manifest = build_manifest(result, REQUESTS, identity_of(llama_model).to_dict())
     out = save_edit(tmp_path / "edited", result, llama_tok, manifest)
     saved = json.loads((out / "manifest.json").read_text())
@@ -165,15 +167,18 @@ def test_tiny_module_is_importable():
 def test_lora_adapter_saves_and_reloads_with_peft(tmp_path, llama_model, llama_tok):
     from peft import PeftModel
 
+    from ftedit.editor import apply_recipe
     from ftedit.models import identity_of
     from ftedit.outputs import build_manifest, save_edit
+    from ftedit.registry import ApplyContext
 
     base = copy.deepcopy(llama_model)
     pair = encode_examples(llama_tok, [TrainingExample(REQUESTS[0].prompt, REQUESTS[0].target_new)],
                            ObjectiveConfig())[0].chosen
     batch = pad_right([pair], llama_tok.pad_token_id)
     cfg = _config(params={"method": "lora", "lora_r": 4, "modules": "down"}, train={"epochs": 5})
-    result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False)
+    result = apply_recipe(llama_model, llama_tok, REQUESTS, cfg, ApplyContext(progress=False))
+    assert result.weights == "lora" and result.merge is not None
     expected = per_example_nll(result.model, batch)[0]
     assert not torch.allclose(expected, per_example_nll(base, batch)[0])
     manifest = build_manifest(result, REQUESTS, identity_of(base).to_dict())

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.data import load_requests
 from ftedit.data.requests import EditRequest
 from ftedit.ledger import (

@@ -92,7 +92,7 @@ def _edit_manifest(model, tok):
     request = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome",
                           target_true="Paris")
     applied = apply_method("locft-bf", model, tok, [request], overrides=["train.epochs=1"], progress=False)
-    manifest = build_manifest(applied.details, [request], {"spec": "tiny"})
+    manifest = build_manifest(applied, [request], {"spec": "tiny"})
     for p in model.parameters():
         p.requires_grad_(True)
     return applied, manifest
@@ -104,7 +104,7 @@ def test_protect_edits_from_manifest_file(fixture, request, tmp_path, gpt2_tok, 
     tok = gpt2_tok if fixture == "gpt2_model" else llama_tok
     applied, manifest = _edit_manifest(model, tok)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    touched = {t["name"] for t in applied.touched}
+    touched = {t.name for t in applied.touched}
     before = _snapshot(model)
     handle = protect_edits(model, tmp_path)  # the output folder of `ftedit edit`
     assert {n.rsplit(".", 1)[0] for n in handle.frozen} == touched
@@ -138,7 +138,7 @@ def test_protect_edits_trainer_callback(gpt2_model, gpt2_tok, tmp_path):
     callback = ProtectEditsCallback(manifest)
     Trainer(model=gpt2_model, args=args, train_dataset=rows, callbacks=[callback]).train()
     changed = _changed(gpt2_model, before)
-    touched = {f"{t['name']}.weight" for t in applied.touched}
+    touched = {f"{t.name}.weight" for t in applied.touched}
     assert changed and not changed & touched
     assert all(p.requires_grad for p in gpt2_model.parameters())
 
@@ -316,7 +316,7 @@ def test_report_writer_from_a_result(tmp_path):
 
 
 def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, tmp_path):
-    from ftedit.retention.cli import parse_tasks
+    from ftedit.retention.tasks import parse_tasks
 
     path = tmp_path / "t.txt"
     path.write_text("\n".join(TEXTS * 3))
@@ -348,7 +348,7 @@ def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
 def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok, data_dir):
     from typer.testing import CliRunner
 
-    from ftedit.cli import app
+    from ftedit.commands import app
 
     base = tmp_path / "base"
     gpt2_model.save_pretrained(base)
