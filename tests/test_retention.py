@@ -31,7 +31,7 @@ from ftedit.retention import (
     run_study,
     write_report,
 )
-from ftedit.retention.measure import Probe, disjoint_facts
+from ftedit.retention.measure import RetentionProbe, disjoint_facts
 from ftedit.retention.tasks import DownstreamTask
 from ftedit.tokenization import encode_text, pad_right
 
@@ -210,7 +210,7 @@ def test_task_filters_records_and_reports_removed(gpt2_tok, tmp_path):
 
 
 def test_fallback_classification(gpt2_tok):
-    probe = Probe("edited", "The capital of France is", "Rome", "France", "{} capital", original="Paris")
+    probe = RetentionProbe("edited", "The capital of France is", "Rome", "France", "{} capital", original="Paris")
     related = {("italy", "Rome"), ("england", "London"), ("germany", "Berlin")}
     ids = {w: gpt2_tok(" " + w)["input_ids"][0] for w in ("Paris", "London", "dog")}
     assert len(set(ids.values())) == 3
@@ -330,15 +330,15 @@ def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, t
 
 
 def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
-    from ftedit.retention.measure import Snapshot, lost_edits
+    from ftedit.retention.measure import RetentionSnapshot, lost_edits
 
-    probes = [Probe("edited", "P1", "Rome", "France", "r", original="Paris"),
-              Probe("edited", "P2", "dog", "Spain", "r", original="fox"),
-              Probe("edited", "P3", "London", "Italy", "r", original="fox"),
-              Probe("intrinsic", "P4", "capital", "Chad", "q")]
+    probes = [RetentionProbe("edited", "P1", "Rome", "France", "r", original="Paris"),
+              RetentionProbe("edited", "P2", "dog", "Spain", "r", original="fox"),
+              RetentionProbe("edited", "P3", "London", "Italy", "r", original="fox"),
+              RetentionProbe("intrinsic", "P4", "capital", "Chad", "q")]
     paris = gpt2_tok(" Paris")["input_ids"][0]
-    post = Snapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
-    end = Snapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
+    post = RetentionSnapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
+    end = RetentionSnapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
                    [[]] * 4)
     lost = lost_edits(probes, post, end, gpt2_tok, {"r": {("france", "Rome")}})
     assert [(x["index"], x["fallback"], x["predicted"]) for x in lost] == [(0, "original", "Paris")]

@@ -26,8 +26,8 @@ from ftedit.retention.finetune import DownstreamConfig, finetune
 from ftedit.retention.freezing import apply_strategy, touched_modules
 from ftedit.retention.measure import (
     FALLBACKS,
-    Probe,
-    Snapshot,
+    RetentionProbe,
+    RetentionSnapshot,
     edited_probes,
     lost_edits,
     measure,
@@ -74,9 +74,9 @@ class Prepared:
     """Everything measured on the base model before editing."""
 
     requests: list[EditRequest]
-    probes: list[Probe]
+    probes: list[RetentionProbe]
     tasks: list[DownstreamTask]
-    base: Snapshot
+    base: RetentionSnapshot
     related: dict
     info: dict[str, Any]
 
@@ -112,12 +112,12 @@ def prepare(cfg: StudyConfig, base_model: nn.Module, tok, requests: Sequence[Edi
     return Prepared(list(requests), probes, tasks, base, related_objects(probes, pool), info)
 
 
-def _curve(snaps: Sequence[Snapshot], probes: Sequence[Probe]) -> list[dict[str, Any]]:
+def _curve(snaps: Sequence[RetentionSnapshot], probes: Sequence[RetentionProbe]) -> list[dict[str, Any]]:
     return [{"step": s.step, "label": s.label, "edited": s.rate(probes, "edited"),
              "intrinsic": s.rate(probes, "intrinsic")} for s in snaps]
 
 
-def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, post: Snapshot,
+def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, post: RetentionSnapshot,
              edited_state, cfg: StudyConfig, related) -> dict[str, Any]:
     _reset(model, edited_state)
     handle = apply_strategy(model, strategy, touched)
