@@ -119,6 +119,33 @@ def _device(opts: EditOptions, parallel: DataParallel) -> str | None:
     return opts.device
 
 
+@dataclass
+class _Inputs:
+    requests: list
+    skipped: list
+    facts: list | None
+    history: list
+
+
+def _load_inputs(spec: MethodSpec, opts: EditOptions) -> _Inputs:
+    """The edits (and fact pool), checked against the ledger of the model they go into."""
+    loaded = load_requests(opts.data, n=opts.n, offset=opts.offset, skip_invalid=opts.skip_invalid)
+    for issue in loaded.skipped:
+        logger.warning("skipped: %s", issue)
+    facts = load_pool_facts(opts.pool) if opts.pool and spec.capabilities.pool else None
+    history = find_ledger(opts.model)
+    check_conflicts(history, loaded.requests, opts.on_conflict, source=str(opts.data))
+    return _Inputs(loaded.requests, loaded.skipped, facts, history)
+
+
+def _checkpoints(spec: MethodSpec, config, out: Path, requests, identity, opts: EditOptions,
+                 parallel: DataParallel) -> Checkpoints | None:
+    if not spec.capabilities.resume or _mode(config) == "single" or parallel.sharded:
+        return None
+    fingerprint = run_fingerprint(config.to_dict(), [request_hash(r) for r in requests], identity.fingerprint)
+    return Checkpoints(out / CHECKPOINT_DIR, fingerprint, config.train.checkpoint_every, resume=opts.resume)
+
+
 def run_edit(opts: EditOptions) -> EditRun:
     """Edit, evaluate and save as ``opts`` says; see the module docstring."""
     out = Path(opts.out)
@@ -129,12 +156,7 @@ def run_edit(opts: EditOptions) -> EditRun:
     overrides = list(opts.overrides) + ([spec.seed_override(opts.seed)] if opts.seed is not None else [])
     config = spec.resolve_config(opts.config_file, overrides)
     save = _check_capabilities(spec, config, opts, parallel)
-    loaded = load_requests(opts.data, n=opts.n, offset=opts.offset, skip_invalid=opts.skip_invalid)
-    for issue in loaded.skipped:
-        logger.warning("skipped: %s", issue)
-    facts = load_pool_facts(opts.pool) if opts.pool and spec.capabilities.pool else None
-    history = find_ledger(opts.model)
-    check_conflicts(history, loaded.requests, opts.on_conflict, source=str(opts.data))
+    inputs = _load_inputs(spec, opts)
     torch.manual_seed(spec.seed_of(config))
     base, tok, identity = load_model(opts.model, device=_device(opts, parallel), dtype=opts.dtype,
                                      quantize=opts.quantize)
@@ -142,37 +164,30 @@ def run_edit(opts: EditOptions) -> EditRun:
         shard_model(base, parallel)
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
-    pre = evaluate_requests(base, tok, loaded.requests, progress=opts.progress and parallel.is_main) \
+    pre = evaluate_requests(base, tok, inputs.requests, progress=opts.progress and parallel.is_main) \
         if opts.evaluate else None
-    checkpoints = None
-    if spec.capabilities.resume and _mode(config) != "single" and not parallel.sharded:
-        fingerprint = run_fingerprint(config.to_dict(), [request_hash(r) for r in loaded.requests],
-                                      identity.fingerprint)
-        checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, config.train.checkpoint_every,
-                                  resume=opts.resume)
-    context = ApplyContext(pool=facts, progress=opts.progress, model_fingerprint=identity.fingerprint,
-                           checkpoints=checkpoints)
+    context = ApplyContext(pool=inputs.facts, progress=opts.progress, model_fingerprint=identity.fingerprint,
+                           checkpoints=_checkpoints(spec, config, out, inputs.requests, identity, opts, parallel))
     start = time.perf_counter()
-    applied = apply_spec(spec, config, base, tok, loaded.requests, context)
+    applied = apply_spec(spec, config, base, tok, inputs.requests, context)
     wall = time.perf_counter() - start
     single = _mode(config) == "single"
     post, state_dict = None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
-            post = evaluate_requests(applied.model, tok, loaded.requests, progress=opts.progress and parallel.is_main)
+            post = evaluate_requests(applied.model, tok, inputs.requests, progress=opts.progress and parallel.is_main)
         state_dict = full_state_dict(applied.model) if save == "model" else None
     if not parallel.is_main:
         return EditRun({}, out, save)
     extra = {"data": {"source": str(opts.data), "n": opts.n, "offset": opts.offset,
-                      "skipped": [vars(s) for s in loaded.skipped]},
+                      "skipped": [vars(s) for s in inputs.skipped]},
              "pool": opts.pool, "wall_seconds": wall}
     if opts.evaluate and not single:
-        post = post or evaluate_requests(applied.model, tok, loaded.requests, progress=opts.progress)
+        post = post or evaluate_requests(applied.model, tok, inputs.requests, progress=opts.progress)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
     elif single:
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": applied.single_edit_metrics}
-    manifest = build_manifest(applied, loaded.requests, identity.to_dict(), extra)
+    manifest = build_manifest(applied, inputs.requests, identity.to_dict(), extra)
     # the directory may hold this run's checkpoint (checked above): the finished edit replaces it
-    save_edit(out, applied, tok, manifest, save=save, overwrite=True, history=history, state_dict=state_dict)
-    return EditRun(manifest, out, save, len(loaded.requests), wall)
-
+    save_edit(out, applied, tok, manifest, save=save, overwrite=True, history=inputs.history, state_dict=state_dict)
+    return EditRun(manifest, out, save, len(inputs.requests), wall)
