@@ -12,12 +12,16 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ftedit.config import EditConfig, merge_sources, recipe_names, resolve_config
 from ftedit.data.examples import PoolFact
+
+if TYPE_CHECKING:
+    from ftedit.checkpoint import Checkpoints
+    from ftedit.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class ApplyContext:
     pool: Sequence[PoolFact] | None = None
     progress: bool = True
     model_fingerprint: str = ""
-    checkpoints: Any = None  # ftedit.checkpoint.Checkpoints, for methods with Capabilities.resume
+    checkpoints: Checkpoints | None = None  # for methods with Capabilities.resume
 
 
 @dataclass
@@ -74,7 +78,7 @@ class AppliedEdit:
     merge: Callable[[], nn.Module] | None = None  # folds LoRA adapters into the weights
     seed: int = 0
     trainable_parameters: int = 0
-    train: list = field(default_factory=list)  # ftedit.train.TrainResult per training run; empty for closed forms
+    train: list[TrainResult] = field(default_factory=list)  # one per training run; empty for closed forms
     phase_seconds: dict[str, float] = field(default_factory=dict)  # locate, augment, train, edit
     examples_by_kind: dict[str, int] = field(default_factory=dict)
     location: dict[str, Any] | None = None  # how params.layers=auto chose the location
