@@ -80,11 +80,15 @@ class Attached:
         return base
 
 
-def attach_config(model: nn.Module, config: EditConfig) -> tuple[Attached, list[Target]]:
-    """Select the weights ``config.params`` names and make exactly those trainable (see :func:`attach`)."""
+def _require_location(config: EditConfig) -> None:
     if config.params.layers == "auto":
         raise ValueError("params.layers=auto is resolved before editing: call ftedit.locate.resolve_location(...) "
                          "(ftedit.methods.apply_method and `ftedit edit` do) or set params.layers")
+
+
+def attach_config(model: nn.Module, config: EditConfig) -> tuple[Attached, list[Target]]:
+    """Select the weights ``config.params`` names and make exactly those trainable (see :func:`attach`)."""
+    _require_location(config)
     targets = select_targets(model, config.params.layers, config.params.modules)
     attached = attach(model, targets, config.params)
     attached.first_layer = first_trainable_layer(targets)
@@ -177,9 +181,7 @@ def edit(
     requests = list(requests)
     if not requests:
         raise ValueError("no edit requests")
-    if config.params.layers == "auto":
-        raise ValueError("params.layers=auto is resolved before editing: call ftedit.locate.resolve_location(...) "
-                         "(ftedit.methods.apply_method and `ftedit edit` do) or set params.layers")
+    _require_location(config)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     examples = build_training_set(model, tok, requests, config.augment, pool=pool, progress=progress,
