@@ -41,8 +41,8 @@ class LedgerEntry:
     target_true: str | None
     relation_id: str | None
     case_id: str | int | None
-    method: str  # "full" or "lora" (or a baseline's name)
-    recipe: str
+    method: str  # how the weights changed: "full" or "lora" (a manifest's touched.weights)
+    recipe: str  # the registered method that wrote the edit (recipe or baseline; a manifest's method)
     config_hash: str  # sha256 of the resolved config, so runs with the same settings can be grouped
     time: str  # UTC, ISO 8601
     run: str  # one id per edit run: the edits written together
