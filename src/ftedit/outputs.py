@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,13 +9,8 @@ from typing import Any
 from ftedit import __version__
 from ftedit.atomic import atomic_directory, write_json_atomic
 from ftedit.config import save_config
-from ftedit.data.requests import EditRequest
+from ftedit.data.requests import EditRequest, request_hash
 from ftedit.ledger import LEDGER_NAME, LedgerEntry, new_entries, write_ledger
-
-
-def request_hash(request: EditRequest) -> str:
-    """Stable identity of an edit: prompt and new target (what the model is asked to say)."""
-    return hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).hexdigest()[:16]
 
 
 def build_manifest(result, requests: Sequence[EditRequest], base_identity: dict[str, Any],
