@@ -143,9 +143,16 @@ def batch_loss(score: Scorer, idx: list[int], objective: ObjectiveConfig, ref: d
         rejected_logp = score([idx[k] for k in dpo], "rejected")[1]
         ref_c = torch.tensor([ref[idx[k]][0] for k in dpo], device=score.device)
         ref_r = torch.tensor([ref[idx[k]][1] for k in dpo], device=score.device)
-        margin = (chosen_logp[dpo] - ref_c) - (rejected_logp - ref_r)
-        loss = loss + objective.dpo_weight * -F.logsigmoid(objective.dpo_beta * margin).mean()
+        loss = loss + dpo_loss(chosen_logp[dpo], rejected_logp, ref_c, ref_r, objective)
     return loss
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             objective: ObjectiveConfig) -> torch.Tensor:
+    """``dpo_weight`` times the mean DPO loss ``-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`` of
+    summed answer log-probs under the edited (pi) and the unedited (ref) model."""
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return objective.dpo_weight * -F.logsigmoid(objective.dpo_beta * margin).mean()
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
