@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import ftedit.baselines.run
-import ftedit.runner
+import ftedit.pipeline
 from ftedit.atomic import PARTIAL_MARKER
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.errors import EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_OUTPUT
 from ftedit.outputs import prepare_output_dir
 
@@ -50,8 +49,7 @@ def no_model_load(monkeypatch):
     """Refusals must come before the model is loaded: loading it fails the test."""
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
-    monkeypatch.setattr(ftedit.runner, "load_model", load_model)
-    monkeypatch.setattr(ftedit.baselines.run, "load_model", load_model)
+    monkeypatch.setattr(ftedit.pipeline, "load_model", load_model)
 
 
 def invoke(*args: str):
@@ -331,7 +329,7 @@ def test_csv_with_quotes_and_newlines_and_no_paraphrases_edits_and_evaluates(tmp
 def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(tmp_path, llama_dir, data_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(ftedit.runner, "load_requests", broken)
+    monkeypatch.setattr(ftedit.pipeline, "load_requests", broken)
     result = edit(data_dir / ROME_FIXTURE, tmp_path / "out", llama_dir)
     assert result.exit_code == EXIT_BUG
     assert "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
@@ -341,7 +339,7 @@ def test_an_unexpected_error_keeps_its_traceback_and_asks_for_a_report(tmp_path,
 def test_a_full_disk_is_reported_without_a_traceback(tmp_path, llama_dir, data_dir, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
-    monkeypatch.setattr(ftedit.runner, "load_requests", full)
+    monkeypatch.setattr(ftedit.pipeline, "load_requests", full)
     assert_refused(edit(data_dir / ROME_FIXTURE, tmp_path / "out", llama_dir), EXIT_OUTPUT,
                    "No space left on device", str(tmp_path / "out"))
 
@@ -368,9 +366,9 @@ def step(self, *args, **kwargs):
     time.sleep(0.05)
     return accumulate(self, *args, **kwargs)
 Stepper.accumulate = step
-from ftedit.cli import entry_point
+from ftedit.commands import main
 sys.argv = ["ftedit"] + sys.argv[1:]
-entry_point()
+main()
 """
 
 

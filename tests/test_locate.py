@@ -5,12 +5,14 @@ import torch
 from typer.testing import CliRunner
 
 from ftedit import locate
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.config import ConfigError, LocateConfig, resolve_config
 from ftedit.data.requests import EditRequest
 from ftedit.editor import edit
 from ftedit.locate import Candidate, candidates_for, halving_budgets, sweep, write_report
+from ftedit.methods import apply_method, apply_spec
 from ftedit.outputs import build_manifest
+from ftedit.registry import ApplyContext, get_method
 from test_editor import REQUESTS
 
 
@@ -86,12 +88,13 @@ def test_results_are_cached_per_model_and_settings(llama_model, llama_tok, monke
 def test_layers_auto_edits_at_the_chosen_location_and_records_it(llama_model, llama_tok):
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
-    result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2")
+    context = ApplyContext(progress=False, model_fingerprint="m2")
+    result = apply_spec(get_method("locft-bf"), cfg, llama_model, llama_tok, REQUESTS, context)
     loc = result.location
     assert loc["source"] == "auto" and loc["n_candidates"] == 4
-    assert {t["layer"] for t in result.targets} == {loc["layer"]}
+    assert {t.layer for t in result.touched} == {loc["layer"]} and "locate" in result.phase_seconds
     expected_roles = {"attn": {"q", "k", "v", "o"}, "down": {"down"}}[loc["module"]]
-    assert {t["role"] for t in result.targets} == expected_roles
+    assert {t.role for t in result.touched} == expected_roles
     manifest = build_manifest(result, REQUESTS, {"spec": "tiny"})
     assert manifest["touched"]["location"] == loc and manifest["config"]["params"]["layers"] == str(loc["layer"])
     assert cfg.params.layers == "auto"  # the caller's config is not mutated
@@ -108,9 +111,16 @@ def test_report_files(tmp_path, llama_model, llama_tok):
     assert (tmp_path / "sweep.csv").read_text().startswith("layer,module,epochs,efficacy")
 
 
+def test_edit_refuses_an_unresolved_auto_location(llama_model, llama_tok):
+    cfg = _config()
+    assert cfg.params.layers == "auto"
+    with pytest.raises(ValueError, match="resolve_location"):
+        edit(llama_model, llama_tok, REQUESTS, cfg, progress=False)
+
+
 def test_locft_bf_chooses_its_location_among_down_and_up_projections(llama_model, llama_tok):
-    result = edit(llama_model, llama_tok, REQUESTS, resolve_config("locft-bf", overrides=["train.epochs=3"]),
-                  progress=False)
+    result = apply_method("locft-bf", llama_model, llama_tok, REQUESTS, overrides=["train.epochs=3"],
+                          progress=False)
     assert result.location["source"] == "auto" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
     assert result.location["module"] in ("down", "up") and result.location["layer"] in (0, 2)
 
@@ -146,13 +156,14 @@ def test_auto_without_probe_prompts_uses_a_cached_search_or_the_fallback(llama_m
     bare = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in REQUESTS]
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
-    first = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
+    spec, context = get_method("locft-bf"), ApplyContext(progress=False, model_fingerprint="m3")
+    first = apply_spec(spec, cfg, llama_model, llama_tok, bare, context)
     assert first.location["source"] == "fallback" and "no paraphrase" in caplog.text
-    assert {t["layer"] for t in first.targets} == {0} and {t["role"] for t in first.targets} == {"down"}
+    assert {t.layer for t in first.touched} == {0} and {t.role for t in first.touched} == {"down"}
     first.restore()
-    searched = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m3")
+    searched = apply_spec(spec, cfg, llama_model, llama_tok, REQUESTS, context)
     searched.restore()
-    again = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
+    again = apply_spec(spec, cfg, llama_model, llama_tok, bare, context)
     assert again.location["source"] == "auto" and again.location["cached"]
     assert again.location["layer"] == searched.location["layer"]
 

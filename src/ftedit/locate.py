@@ -15,7 +15,6 @@ rank, and a small sample ranks with less noise than the 0/1 rates give.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -23,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
-from ftedit.config import EditConfig, LocateConfig
-from ftedit.data.requests import EditRequest
+from ftedit.cache import cache_path
+from ftedit.config import EditConfig, LocateConfig, resolve_config
+from ftedit.data.requests import EditRequest, request_hash
+from ftedit.errors import InputError, UsageError
 from ftedit.evaluate.common import harmonic_mean, mean, percent
-from ftedit.models import cache_dir
 from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def candidates_for(model: nn.Module, cfg: LocateConfig) -> list[Candidate]:
             if g == "block" or any(r in present for r in roles):
                 out.append(Candidate(layer, g))
     if not out:
-        raise ValueError(f"no candidate locations: layers {cfg.layers!r} x modules {cfg.modules!r}")
+        raise InputError(f"no candidate locations: layers {cfg.layers!r} x modules {cfg.modules!r}")
     return out
 
 
@@ -174,7 +174,7 @@ def soft_scores(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         per_record = [mean([_sigmoid(sign * (p["nll_true"] - p["nll_new"])) for p in rec[kind]["prompts"]])
                       for rec in records if rec.get(kind)]
         if not per_record:
-            raise ValueError(f"no {kind} prompts to score trial edits on")
+            raise InputError(f"no {kind} prompts to score trial edits on")
         out[name] = percent(mean(per_record))
     out["soft_edit_score"] = harmonic_mean([out[m] for m in SOFT_METRICS[:3]])
     return out
@@ -195,7 +195,7 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
           per_model_cache: bool = False) -> SweepResult:
     """Run the search of ``locate`` (default ``base.locate``) and return every trial and the best location.
 
-    Results are cached under ``cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
+    Results are cached under ``ftedit.cache.cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
     is on, keyed by fingerprint, settings and the sampled edits; ``per_model_cache`` leaves the edits out of
     the key, so any later edit of the same model with the same settings reuses the search.
     """
@@ -253,16 +253,21 @@ def _n_trials(n: int, budgets: list[int], eta: int) -> int:
 
 
 def _cache_path(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> Path:
-    from ftedit.outputs import request_hash
-
-    payload = json.dumps({"model": fingerprint, "settings": settings,
-                          "edits": [request_hash(r) for r in sample]}, sort_keys=True, default=str)
-    return cache_dir() / "locate" / f"{hashlib.sha256(payload.encode()).hexdigest()[:20]}.json"
+    return cache_path("locate", model=fingerprint, settings=settings, edits=[request_hash(r) for r in sample])
 
 
 def scorable(requests: Sequence[EditRequest]) -> bool:
     """Whether trials on these edits can measure generalization and locality (COUNTERFACT-style probes)."""
     return bool(requests) and all(r.paraphrase_prompts and r.neighborhood for r in requests)
+
+
+def resolve_location(model: nn.Module, tok, config: EditConfig, requests: Sequence[EditRequest],
+                     progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
+    """The config to edit with, and the manifest's location record: ``params.layers=auto`` searched (or taken
+    from the cache, or the fallback), any other ``params.layers`` as configured."""
+    if config.params.layers != "auto":
+        return config, {"source": "config"}
+    return choose_location(model, tok, requests, config, progress, model_fingerprint)
 
 
 def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
@@ -294,6 +299,33 @@ def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], conf
               "strategy": result.strategy, "cached": result.cached, "n_candidates": len(result.candidates),
               "n_trials": len(result.trials), "trial_metrics": result.best_metrics(), "seconds": result.seconds}
     return chosen, record
+
+
+STRATEGIES = ("exhaustive", "halving", "both")
+
+
+def run_sweeps(*, data, out: Path, model, recipe, overrides, strategy, n, offset, device, dtype,
+               progress) -> dict[str, SweepResult]:
+    """``ftedit locate``: load the model and edits, run the sweep(s) and write each report to ``out/<strategy>``."""
+    from ftedit.data.loaders import load_requests
+    from ftedit.models import load_model
+
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {strategy!r}: expected one of {STRATEGIES}")
+    cfg = resolve_config(recipe, None, overrides)
+    if n is not None:
+        cfg.locate.n_edits = n
+    loaded = load_requests(data, n=cfg.locate.n_edits, offset=offset)
+    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    title = f"{identity.name_or_path.split('/')[-1]}, {len(loaded.requests)} edits, trials: {recipe}"
+    results = {}
+    for name in ("halving", "exhaustive") if strategy == "both" else (strategy,):
+        settings = replace(cfg.locate, strategy=name)
+        result = sweep(base, tok, loaded.requests, cfg, settings, progress=progress,
+                       model_fingerprint=identity.fingerprint)
+        write_report(Path(out) / name, result, identity.to_dict(), title)
+        results[name] = result
+    return results
 
 
 # -- reports -------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from ftedit.data.loaders import load_pool_facts
 from ftedit.data.text import read_text
-from ftedit.errors import InputError
+from ftedit.errors import InputError, UsageError
 from ftedit.evaluate.probes import knows_batch
 from ftedit.evaluate.scoring import score_pairs
 from ftedit.forward import body_hidden, lm_parts, model_device, per_example_nll
@@ -313,3 +313,34 @@ def _build_facts(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model
     train, val = _split(unknown[:cfg.n_train], cfg, val_in_train=True)
     return FactsTask(cfg, tok, train, val, removed,
                      info={"checked_for_unknown": checked, "validation": "a fixed sample of the training facts"})
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or key not in TASK_KINDS:
+            raise UsageError(f"{option} {v!r}: expected KIND=VALUE with KIND in {TASK_KINDS}")
+        out[key] = value
+    return out
+
+
+def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any]) -> list[TaskConfig]:
+    """``--task lm=FILE --threshold lm=3.0`` -> TaskConfigs (shared n_train, n_val, max_length, seed)."""
+    sources = _pairs(tasks, "--task")
+    if len(sources) != len(tasks):
+        raise UsageError("--task: each task kind may be given once")
+    limits = _pairs(thresholds, "--threshold")
+    unknown = set(limits) - set(sources)
+    if unknown:
+        raise UsageError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
+    configs = []
+    for kind, source in sources.items():
+        text = limits.get(kind)
+        relative = bool(text and text.startswith("rel:"))
+        try:
+            value = float(text[4:] if relative else text) if text else None
+        except ValueError as e:
+            raise UsageError(f"--threshold {kind}={text}: expected a number or rel:FACTOR") from e
+        configs.append(TaskConfig(kind, source, threshold=value, relative=relative, **common))
+    return configs

@@ -6,16 +6,19 @@ import math
 import time
 from importlib.resources import files
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from ftedit.config import resolve_config
+from ftedit.commands.console import console as default_console
 from ftedit.data.loaders import load_pool_facts, load_requests
 from ftedit.data.requests import EditRequest
-from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests, next_token_topk, score_pairs
+from ftedit.methods import apply_spec
 from ftedit.models import load_model
+from ftedit.registry import ApplyContext, get_method
 
 #: Recipe and CPU-sized augmentation for the demo (the recipe's own counts are the paper's, for GPUs).
 DEMO_RECIPE = "ft-mask-para-rand"
@@ -80,7 +83,7 @@ def show_before_after(console: Console, requests, before, after) -> None:
 
 
 def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or default_console
     start = time.perf_counter()
     with console.status(f"loading {model_spec} (the first run dequantizes the GGUF once, about a minute)"):
         model, tok, identity = load_model(model_spec)
@@ -92,13 +95,15 @@ def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Conso
 
     before = snapshot(model, tok, requests)
     pre = evaluate_requests(model, tok, requests, progress=False).summary
-    config = resolve_config(recipe, overrides=DEMO_OVERRIDES if recipe == DEMO_RECIPE else None)
-    console.print(f"[bold]editing[/bold] {len(requests)} COUNTERFACT facts with recipe [bold]{recipe}[/bold]: "
-                  f"{config.description.strip()}")
-    result = edit(model, tok, requests, config, pool=pool, model_fingerprint=identity.fingerprint)
-    console.print(f"trained {result.trainable_parameters:,} parameters in "
-                  f"{', '.join(t['name'] for t in result.targets)} on {result.examples_by_kind} examples "
-                  f"in {result.seconds['train']:.0f}s")
+    spec = get_method(recipe)
+    config = spec.resolve_config(overrides=DEMO_OVERRIDES if recipe == DEMO_RECIPE else None)
+    console.print(f"[bold]editing[/bold] {len(requests)} COUNTERFACT facts with [bold]{recipe}[/bold]: "
+                  f"{config.description.strip() if spec.recipe else 'a closed-form baseline'}")
+    result = apply_spec(spec, config, model, tok, requests,
+                        ApplyContext(pool=pool, progress=True, model_fingerprint=identity.fingerprint))
+    console.print(f"changed {result.trainable_parameters:,} parameters in "
+                  f"{', '.join(t.name for t in result.touched)} on {result.examples_by_kind} examples "
+                  f"in {result.phase_seconds.get('train', result.seconds):.0f}s")
     after = snapshot(result.model, tok, requests)
     post = evaluate_requests(result.model, tok, requests, progress=False).summary
     show_before_after(console, requests, before, after)
@@ -108,3 +113,11 @@ def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Conso
                   + " / ".join(f"{post[k]:.0f}" for k in keys))
     console.print(f"total {time.perf_counter() - start:.0f}s")
     return {"pre": pre, "post": post, "before": before, "after": after}
+
+
+def demo_command(
+    model: Annotated[str, typer.Option(help="Model to edit (default: the bundled gemma-3-270m).")] = "demo",
+    recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = "ft-mask-para-rand",
+) -> None:
+    """Edit a few real COUNTERFACT facts in gemma-3-270m and show predictions before and after."""
+    run_demo(model, recipe)
