@@ -81,6 +81,7 @@ def test_cli_reports_a_bad_entry(settings):
     result = CliRunner().invoke(app, ["bench", "--data", settings.data, "--out", settings.out, "oops=nope"])
     assert result.exit_code == 2
     assert "unknown method 'nope'" in result.output
+    assert "Traceback" not in result.output and "Usage:" not in result.output  # the one error format of #15
 
 
 def _configs(name, overrides=()):

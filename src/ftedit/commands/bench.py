@@ -37,20 +37,19 @@ def bench_command(
 
     Finished entries are kept in OUT/results and reused on a rerun with the same configuration.
     """
-    from ftedit.bench import BenchError, BenchSettings, resolve_entries, run_bench
+    from ftedit.bench import BenchSettings, resolve_entries, run_bench
+    from ftedit.errors import UsageError
 
     if not data:
-        raise typer.BadParameter("--data is required")
-    try:
-        chosen = resolve_entries(entries or [], ablation or [])
-        generation = {"max_out_len": gen_max_len, "top_k": 5, "seed": seed, "batch_size": max(1, batch_size // 2)}
-        settings = BenchSettings(model=model, data=data, out=str(out), n=n, offset=offset, pool=pool,
-                                 overrides=set_ or [], device=device, dtype=dtype, protocol=protocol,
-                                 batch_size=batch_size, generation=generation if fluency else None, seed=seed,
-                                 progress=progress)
-        payload = run_bench(settings, chosen, isolate=isolate)
-    except BenchError as e:
-        raise typer.BadParameter(str(e)) from e
+        raise UsageError("ftedit bench needs --data FILE (the edit requests every entry is run on)")
+    # errors (BenchError and the others) are reported by the command line's one error reporter
+    chosen = resolve_entries(entries or [], ablation or [])
+    generation = {"max_out_len": gen_max_len, "top_k": 5, "seed": seed, "batch_size": max(1, batch_size // 2)}
+    settings = BenchSettings(model=model, data=data, out=str(out), n=n, offset=offset, pool=pool,
+                             overrides=set_ or [], device=device, dtype=dtype, protocol=protocol,
+                             batch_size=batch_size, generation=generation if fluency else None, seed=seed,
+                             progress=progress)
+    payload = run_bench(settings, chosen, isolate=isolate)
     print_summary(payload, out)
     if any(r["status"] == "failed" for r in payload["rows"]):
         raise typer.Exit(1)
