@@ -150,11 +150,11 @@ def edit(
         raise ValueError("no edit requests")
     timings: dict[str, float] = {}
     location = None
-    if config.params.layers == "auto":
-        from ftedit.locate import choose_location
+    if config.params.layers == "auto":  # callers that resolved it first pass the chosen layers instead
+        from ftedit.locate import resolve_location
 
         t0 = time.perf_counter()
-        config, location = choose_location(model, tok, requests, config, progress, model_fingerprint)
+        config, location = resolve_location(model, tok, config, progress=progress, model_fingerprint=model_fingerprint)
         timings["locate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     examples = build_training_set(model, tok, requests, config.augment, pool=pool, progress=progress,
