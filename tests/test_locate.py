@@ -77,9 +77,6 @@ def test_results_are_cached_per_model_and_settings(llama_model, llama_tok, monke
     assert again.cached and again.best == first.best and len(calls) == 2
     run(REQUESTS[:2])  # other edits: a new search
     assert len(calls) == 4
-    run(REQUESTS, per_model_cache=True)  # params.layers=auto keys the cache by model and settings only
-    assert len(calls) == 6
-    assert run(REQUESTS[:2], per_model_cache=True).cached and len(calls) == 6
     assert not sweep(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2").cached
 
 
@@ -88,7 +85,7 @@ def test_layers_auto_edits_at_the_chosen_location_and_records_it(llama_model, ll
     cfg.params.layers = "auto"
     result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2")
     loc = result.location
-    assert loc["source"] == "auto" and loc["n_candidates"] == 4
+    assert loc["source"] == "search" and loc["n_candidates"] == 4
     assert {t["layer"] for t in result.targets} == {loc["layer"]}
     expected_roles = {"attn": {"q", "k", "v", "o"}, "down": {"down"}}[loc["module"]]
     assert {t["role"] for t in result.targets} == expected_roles
@@ -111,7 +108,7 @@ def test_report_files(tmp_path, llama_model, llama_tok):
 def test_locft_bf_chooses_its_location_among_down_and_up_projections(llama_model, llama_tok):
     result = edit(llama_model, llama_tok, REQUESTS, resolve_config("locft-bf", overrides=["train.epochs=3"]),
                   progress=False)
-    assert result.location["source"] == "auto" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
+    assert result.location["source"] == "search" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
     assert result.location["module"] in ("down", "up") and result.location["layer"] in (0, 2)
 
 
@@ -142,19 +139,65 @@ def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
     assert bad.exit_code != 0 and "--strategy" in str(bad.exception)
 
 
-def test_auto_without_probe_prompts_uses_a_cached_search_or_the_fallback(llama_model, llama_tok, caplog):
-    bare = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in REQUESTS]
+def test_auto_searches_on_the_calibration_set_never_on_the_edits(llama_model, llama_tok, monkeypatch, tmp_path):
+    from ftedit.calibration import calibration_path, load_calibration
+
+    # no probes, no subject, no true answer; prompts that the calibration set does not hold
+    bare = [EditRequest("Paris is the capital of", "", "Italy"), EditRequest("The quick brown fox jumps over the",
+                                                                              "", "lazy cat")]
+    seen = []
+    real_trial = locate.run_trial
+    monkeypatch.setattr(locate, "run_trial", lambda m, t, reqs, *a: seen.extend(reqs) or real_trial(m, t, reqs, *a))
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
     first = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
-    assert first.location["source"] == "fallback" and "no paraphrase" in caplog.text
-    assert {t["layer"] for t in first.targets} == {0} and {t["role"] for t in first.targets} == {"down"}
     first.restore()
-    searched = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m3")
-    searched.restore()
-    again = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
-    assert again.location["source"] == "auto" and again.location["cached"]
-    assert again.location["layer"] == searched.location["layer"]
+    calibration = load_calibration()
+    assert seen and set(seen) <= set(calibration)
+    edit_prompts = {r.prompt for r in bare}
+    assert not edit_prompts & {p for r in seen for p in (r.prompt, *r.paraphrase_prompts)}
+    loc = first.location
+    assert loc["source"] == "search" and loc["calibration"]["file"] == calibration_path().name
+    assert {t["layer"] for t in first.targets} == {loc["layer"]} and loc["trials"]
+    n_trials = len(seen)
+    again = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m3")  # other edits
+    assert again.location["source"] == "cached" and len(seen) == n_trials
+    assert (again.location["layer"], again.location["module"]) == (loc["layer"], loc["module"])
+
+
+def test_shipped_results_are_found_by_gguf_file_and_settings(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from ftedit.calibration import calibration_sha256
+
+    cfg = resolve_config("locft-bf")
+    key = locate.settings_key(locate.search_settings(cfg), calibration_sha256())
+    model_dir = tmp_path / "dequantized"
+    model_dir.mkdir()
+    (model_dir / "ftedit_source.json").write_text(json.dumps({"sha256": "abc"}))
+    identity = SimpleNamespace(source="bundled", name_or_path=str(model_dir))
+    entry = {"model": "demo", "search": {"best": {"layer": 1, "module": "down"}}}
+    monkeypatch.setattr(locate, "shipped_locations", lambda: {f"abc:{key}": entry})
+    assert locate.shipped_result(identity, key) == entry
+    assert locate.shipped_result(identity, "other-settings") is None
+    assert locate.shipped_result(SimpleNamespace(source="local", name_or_path=str(model_dir)), key) is None
+    # augmentation and the recipe's name do not change the search; its training does
+    assert locate.search_settings(resolve_config("locft-bf", overrides=["augment.n_random=5"])) == \
+        locate.search_settings(cfg)
+    assert locate.search_settings(resolve_config("locft-bf", overrides=["train.lr=1e-3"])) != \
+        locate.search_settings(cfg)
+
+
+def test_shipped_locations_match_the_bundled_models_and_settings():
+    from ftedit.calibration import CALIBRATION_FILE, calibration_sha256, resource
+
+    shipped = locate.shipped_locations()
+    shipped_set = calibration_sha256(str(resource(CALIBRATION_FILE)))  # not the tests' small calibration set
+    key = locate.settings_key(locate.search_settings(resolve_config("locft-bf")), shipped_set)
+    assert {e["model"] for e in shipped.values()} >= {"demo", "smollm2"}
+    for name, entry in shipped.items():
+        assert name == f"{entry['gguf_sha256']}:{key}", f"shipped {entry['model']} is stale: rerun its search"
+        assert entry["search"]["best"]["module"] in ("down", "up")
 
 
 def _record(rewrite, paraphrase, neighborhood):

@@ -88,6 +88,31 @@ def edit_command(
              resume=resume, on_conflict=on_conflict, quantize=quantize)
 
 
+@app.command("generate")
+def generate_command(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    model: Annotated[str, typer.Option(help="Model: an edit's OUT/model, bundled name, HF dir, .gguf or hub name.")
+                     ] = "demo",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 24,
+    chat_template: Annotated[bool, typer.Option(
+        "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template when it has one "
+                                                   "(instruct models).")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+) -> None:
+    """Greedy answers of any model to PROMPTS (as chat turns for instruct models)."""
+    from ftedit.evaluate.answers import generate_answers
+    from ftedit.models import load_model
+    from ftedit.tokenization import has_chat_template
+
+    loaded, tok, _ = load_model(model, device=device, dtype=dtype)
+    chat = chat_template and has_chat_template(tok)
+    console.print(f"[dim]{model}: greedy, {max_new_tokens} tokens, "
+                  f"{'chat template' if chat else 'plain text'}[/dim]")
+    for prompt, text in zip(prompts, generate_answers(loaded, tok, prompts, max_new_tokens, chat), strict=True):
+        console.print(f"[bold]{prompt}[/bold] -> {text!r}")
+
+
 @app.command("ledger")
 def ledger_command(
     path: Annotated[Path, typer.Argument(help="An edit's output directory, its model/ directory or a ledger file.")],
@@ -210,14 +235,17 @@ app.command("eval")(eval_command)
 
 @app.command("locate")
 def locate_command(
-    data: Annotated[str, typer.Option(help="Edit requests to try (COUNTERFACT/ZsRE JSON, JSONL/CSV, hf:NAME).")],
     out: Annotated[Path, typer.Option(help="Directory for sweep.json/.md/.csv and heatmap.png.")],
+    data: Annotated[str, typer.Option(help="Edit requests to try (COUNTERFACT/ZsRE JSON, JSONL/CSV, hf:NAME).")]
+    = "",
+    calibration: Annotated[bool, typer.Option(help="Run the search of --layers auto on the shipped calibration set "
+                                                   "(reproduces the shipped result of a bundled model).")] = False,
     model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
     recipe: Annotated[str, typer.Option(help="Recipe whose training the trials use (augmentation off).")] = "locft-bf",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a field, e.g. locate.layer_stride=2, locate.modules=down,up, train.epochs=10.")] = None,
-    strategy: Annotated[str, typer.Option(help="exhaustive | halving | both (halving, then checked exhaustively).")
-                        ] = "exhaustive",
+    strategy: Annotated[str | None, typer.Option(
+        help="exhaustive | halving | both (halving, then checked exhaustively); default: the recipe's.")] = None,
     n: Annotated[int | None, typer.Option(help="Edits sampled for the trials (locate.n_edits).")] = None,
     offset: Annotated[int, typer.Option(help="First record index.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
@@ -228,7 +256,8 @@ def locate_command(
     from ftedit.locate_cli import run_locate
 
     run_locate(data=data, out=out, model=model, recipe=recipe, overrides=set_ or [], strategy=strategy, n=n,
-               offset=offset, device=device, dtype=dtype, progress=progress, console=console)
+               offset=offset, device=device, dtype=dtype, progress=progress, console=console,
+               calibration=calibration)
 
 
 if __name__ == "__main__":

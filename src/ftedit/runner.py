@@ -10,13 +10,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ftedit.chat import apply_chat_template
 from ftedit.checkpoint import Checkpoints, run_fingerprint
 from ftedit.config import resolve_config
 from ftedit.data.loaders import load_pool_facts, load_requests
+from ftedit.data.requests import warn_subjectless
 from ftedit.distributed import DataParallel, full_state_dict, shard_model
 from ftedit.editor import edit
 from ftedit.evaluate import compare, evaluate_requests
+from ftedit.evaluate.answers import before_after, what_it_says
 from ftedit.ledger import check_conflicts, find_ledger
+from ftedit.locate import resolve_location
 from ftedit.models import load_model
 from ftedit.outputs import build_manifest, request_hash, save_edit
 
@@ -58,6 +62,24 @@ def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
     console.print(table)
 
 
+def print_location(console: Console, location: dict | None) -> None:
+    if location:
+        console.print(f"[bold]location[/bold] layer {location['layer']} {location['module']}: {location['why']}")
+
+
+def print_generations(console: Console, generations: dict) -> None:
+    table = Table(title=f"What the model says (greedy, {generations['max_new_tokens']} tokens): before -> after")
+    for col in ("prompt", "new target", "before", "after", "match"):
+        table.add_column(col)
+    for r in generations["rows"]:
+        mark = ("[green]yes[/green]" if r["match_after"] else "[red]no[/red]")
+        table.add_row(f"{r['kind']}: {r['prompt']}", r["target_new"], repr(r["before"].strip()),
+                      repr(r["after"].strip()), mark)
+    console.print(table)
+    console.print("exact match of the new target (%): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in generations["summary"].items()))
+
+
 def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n, offset, skip_invalid, save,
              evaluate, overwrite, device, dtype, progress, console: Console, resume: bool = False,
              on_conflict: str = "warn", quantize: str | None = None) -> dict:
@@ -94,40 +116,50 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
         save = "none"
     if (cfg.augment.n_random or cfg.augment.n_similar) and not (pool or cfg.augment.pool):
         raise ValueError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
-                         "(e.g. the COUNTERFACT train split) or --set augment.n_random=0 augment.n_similar=0")
+                         "(e.g. the COUNTERFACT train split), --pool shipped, or --set augment.n_random=0 "
+                         "augment.n_similar=0")
     loaded = load_requests(data, n=n, offset=offset, skip_invalid=skip_invalid)
     for issue in loaded.skipped:
         logger.warning("skipped: %s", issue)
-    facts = load_pool_facts(pool) if pool else None
+    warn_subjectless(loaded.requests)
+    facts = load_pool_facts(pool or cfg.augment.pool) if (pool or cfg.augment.pool) else None
     history = find_ledger(model)
     check_conflicts(history, loaded.requests, on_conflict, source=str(data))
     torch.manual_seed(cfg.train.seed)
     base, tok, identity = load_model(model, device=device, dtype=dtype, quantize=quantize)
     if parallel.sharded:
         shard_model(base, parallel)
+    requests, facts, chat = apply_chat_template(tok, loaded.requests, facts, cfg.objective.chat_template)
+    cfg, location = resolve_location(base, tok, cfg, identity, progress=progress and parallel.is_main)
+    said_before = what_it_says(base, tok, loaded.requests, chat) if evaluate and parallel.is_main else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
-    pre = evaluate_requests(base, tok, loaded.requests, progress=progress and parallel.is_main) if evaluate else None
+    pre = evaluate_requests(base, tok, requests, progress=progress and parallel.is_main) if evaluate else None
     checkpoints = None
     if cfg.mode != "single" and not parallel.sharded:
         fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
         checkpoints = Checkpoints(out / CHECKPOINT_DIR, fingerprint, cfg.train.checkpoint_every, resume=resume)
     start = time.perf_counter()
-    result = edit(base, tok, loaded.requests, cfg, pool=facts, progress=progress,
+    result = edit(base, tok, requests, cfg, pool=facts, progress=progress,
                   model_fingerprint=identity.fingerprint, checkpoints=checkpoints)
+    result.location = location
     wall = time.perf_counter() - start
     post, state_dict = None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if evaluate and cfg.mode != "single":
-            post = evaluate_requests(result.model, tok, loaded.requests, progress=progress and parallel.is_main)
+            post = evaluate_requests(result.model, tok, requests, progress=progress and parallel.is_main)
         state_dict = full_state_dict(result.model) if save == "model" else None
     if not parallel.is_main:
         return {}
     extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
-             "pool": pool, "wall_seconds": wall}
+             "pool": pool or cfg.augment.pool, "chat_template": chat, "wall_seconds": wall}
     if evaluate and cfg.mode != "single":
-        post = post or evaluate_requests(result.model, tok, loaded.requests, progress=progress)
+        post = post or evaluate_requests(result.model, tok, requests, progress=progress)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
+        extra["generations"] = before_after(loaded.requests, said_before,
+                                            what_it_says(result.model, tok, loaded.requests, chat))
+        print_location(console, location)
+        print_generations(console, extra["generations"])
         print_eval(console, pre.summary, post.summary, result.seconds["train"])
     elif cfg.mode == "single":
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": result.single_edit_metrics}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,14 @@ class EditRequest:
             relation_id=d.get("relation_id"),
             origin=Origin(**d["origin"]) if d.get("origin") else Origin(),
         )
+
+
+def warn_subjectless(requests: Sequence[EditRequest]) -> int:
+    """Log which rows carry no subject and what that means; return how many."""
+    missing = [i for i, r in enumerate(requests) if not r.subject.strip()]
+    if missing:
+        logger.warning("%d of %d edits have no subject (rows %s): not needed by the fine-tuning recipes, which "
+                       "train on prompt -> target; the pool's leak filter then matches whole prompts only "
+                       "(the closed-form baselines rome/memit/alphaedit need one)", len(missing), len(requests),
+                       ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
+    return len(missing)

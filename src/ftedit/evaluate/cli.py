@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from ftedit.chat import apply_chat_template
 from ftedit.evaluate import EvalResult, compare, evaluate_requests
 from ftedit.evaluate.generation import GenerationOptions, load_snippets, tfidf_vectorizer
 from ftedit.evaluate.perplexity import load_texts, perplexity
@@ -46,6 +47,7 @@ def _evaluate_spec(spec: str, requests, cfg: dict[str, Any]) -> tuple[dict[str, 
     t0 = time.perf_counter()
     model, tok, identity = load_model(spec, device=cfg["device"], dtype=cfg["dtype"])
     logger.info("loaded %s in %.1fs", spec, time.perf_counter() - t0)
+    requests, _, _ = apply_chat_template(tok, requests, setting=cfg["chat_template"])
     result = evaluate_requests(model, tok, requests, protocol=cfg["protocol"], batch_size=cfg["batch_size"],
                                details=cfg["details"], progress=cfg["progress"], missing=cfg["missing"],
                                generation=cfg["generation"], snippets=cfg["snippets"],
@@ -115,6 +117,8 @@ def eval_command(
     ppl_n: Annotated[int, typer.Option(help="Texts for perplexity.")] = 200,
     ppl_max_length: Annotated[int, typer.Option(help="Tokens per perplexity text (truncation).")] = 256,
     missing: Annotated[str, typer.Option(help="Records without paraphrases/neighbors: error | count.")] = "error",
+    chat_template: Annotated[str, typer.Option(help="Prompts as chat turns: auto (instruct model and question "
+                                                    "prompts) | on | off.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -131,7 +135,7 @@ def eval_command(
     snips = load_snippets(snippets) if snippets else None
     cfg: dict[str, Any] = {
         "device": device, "dtype": dtype, "protocol": protocol, "batch_size": batch_size, "details": details,
-        "progress": progress, "missing": missing,
+        "progress": progress, "missing": missing, "chat_template": chat_template,
         "generation": _generation_options(fluency, gen_max_len, gen_top_k, seed, batch_size),
         "snippets": snips, "vectorizer": tfidf_vectorizer(snips, idf, tfidf_vocab) if snips else None,
         "target_ids": _target_ids(data) if snips else None,
@@ -148,7 +152,7 @@ def eval_command(
                    "batch_size": batch_size, "base_model": base_model, "details": details, "fluency": fluency,
                    "generation": cfg["generation"].to_dict() if cfg["generation"] else None,
                    "snippets": snippets, "idf": idf, "tfidf_vocab": tfidf_vocab, "ppl_data": ppl_data,
-                   "ppl_n": ppl_n, "ppl_max_length": ppl_max_length, "missing": missing, "device": device,
+                   "ppl_n": ppl_n, "ppl_max_length": ppl_max_length, "missing": missing, "chat_template": chat_template, "device": device,
                    "dtype": dtype},
         "data": {"n_requests": len(loaded.requests), "skipped": loaded.skipped},
         "model": identity, "result": result.to_dict(),
