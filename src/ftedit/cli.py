@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ftedit.config import DEFAULT_RECIPE
 from ftedit.evaluate.cli import eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -29,7 +30,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 @app.command()
 def demo(
     model: Annotated[str, typer.Option(help="Model to edit (default: the bundled gemma-3-270m).")] = "demo",
-    recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = "ft-mask-para-rand",
+    recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = DEFAULT_RECIPE,
 ) -> None:
     """Edit a few real COUNTERFACT facts in gemma-3-270m and show predictions before and after."""
     from ftedit.demo import run_demo
@@ -56,10 +57,11 @@ def edit_command(
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
     model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
     recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
-                                              "alphaedit.")] = "ft-mask-para-rand",
+                                              "alphaedit.")] = DEFAULT_RECIPE,
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
-    pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation (default: the "
+                                                  "recipe's, e.g. the shipped COUNTERFACT train-split pool).")] = None,
     layers: Annotated[str | None, typer.Option(
         help="Layers to train (params.layers), e.g. -3: or 15; 'auto' picks layer and module by a trial sweep.")] = None,
     n: Annotated[int | None, typer.Option(help="Number of edit records (default: all).")] = None,

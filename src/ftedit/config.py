@@ -19,6 +19,7 @@ from ftedit.augment import AugmentConfig
 from ftedit.train import ObjectiveConfig, TrainConfig
 
 MODES = ("mass", "single", "sequential")
+DEFAULT_RECIPE = "locft-bf-rand"  # what `ftedit edit` and `ftedit demo` use without --recipe (README: default recipe)
 LOCATE_RANKS = ("soft", "discrete")  # how locate ranks trials: sigmoid NLL margins, or the 0/1 rates
 
 

@@ -27,6 +27,7 @@ from ftedit.outputs import build_manifest, request_hash, save_edit
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("efficacy", "generalization", "locality", "edit_score")
+MISSING = "count"  # a user's facts may come without paraphrases/neighbors: their rates average what is there
 CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
 
 
@@ -51,14 +52,18 @@ def _check_existing(out: Path, overwrite: bool, resume: bool) -> None:
     raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{hint}")
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_eval(console: Console, pre: dict, post: dict, seconds: float) -> None:
     table = Table(title=f"COUNTERFACT/ZsRE protocol, before and after ({seconds:.0f}s of training)")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for key in HEADLINE:
-        if key in post:
-            table.add_row(key, f"{pre.get(key, float('nan')):.1f}", f"{post[key]:.1f}")
+        if post.get(key) is not None:
+            table.add_row(key, _fmt(pre.get(key)), _fmt(post[key]))
     console.print(table)
 
 
@@ -134,7 +139,7 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     said_before = what_it_says(base, tok, loaded.requests, chat) if evaluate and parallel.is_main else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
-    pre = evaluate_requests(base, tok, requests, progress=progress and parallel.is_main) if evaluate else None
+    pre = evaluate_requests(base, tok, requests, progress=progress and parallel.is_main, missing=MISSING) if evaluate else None
     checkpoints = None
     if cfg.mode != "single" and not parallel.sharded:
         fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in loaded.requests], identity.fingerprint)
@@ -147,14 +152,15 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
     post, state_dict = None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if evaluate and cfg.mode != "single":
-            post = evaluate_requests(result.model, tok, requests, progress=progress and parallel.is_main)
+            post = evaluate_requests(result.model, tok, requests, progress=progress and parallel.is_main,
+                                     missing=MISSING)
         state_dict = full_state_dict(result.model) if save == "model" else None
     if not parallel.is_main:
         return {}
     extra = {"data": {"source": str(data), "n": n, "offset": offset, "skipped": [vars(s) for s in loaded.skipped]},
              "pool": pool or cfg.augment.pool, "chat_template": chat, "wall_seconds": wall}
     if evaluate and cfg.mode != "single":
-        post = post or evaluate_requests(result.model, tok, requests, progress=progress)
+        post = post or evaluate_requests(result.model, tok, requests, progress=progress, missing=MISSING)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
         extra["generations"] = before_after(loaded.requests, said_before,
                                             what_it_says(result.model, tok, loaded.requests, chat))
