@@ -232,3 +232,16 @@ def test_soft_rank_separates_trials_the_0_1_rates_tie():
     b = locate.Trial(Candidate(2, "down"), 3, {**discrete, **moved}, 1.0)
     assert max([a, b], key=locate.rank_key) is b
     assert max([a, b], key=lambda t: locate.rank_key(t, "discrete")) is a  # ties go to the earlier layer
+
+
+def test_cli_locate_calibration_runs_the_search_of_layers_auto(tmp_path, llama_dir):
+    out = tmp_path / "cal"
+    args = ["locate", "--calibration", "--model", str(llama_dir), "--set", "train.epochs=2", "--set",
+            "locate.layers=-2:", "--set", "locate.modules=down", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["strategy"] == "halving" and data["n_edits"] == 5  # the (tests') calibration set, all 5 records
+    assert "recommended: --set params.layers=" in result.output
+    both = CliRunner().invoke(app, args + ["--data", "x.json"])
+    assert both.exit_code != 0 and "either --data" in str(both.exception)

@@ -136,6 +136,8 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
         shard_model(base, parallel)
     requests, facts, chat = apply_chat_template(tok, loaded.requests, facts, cfg.objective.chat_template)
     cfg, location = resolve_location(base, tok, cfg, identity, progress=progress and parallel.is_main)
+    if parallel.is_main:
+        print_location(console, location)
     said_before = what_it_says(base, tok, loaded.requests, chat) if evaluate and parallel.is_main else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
@@ -164,7 +166,6 @@ def run_edit(*, data, out: Path, model, recipe, config_file, overrides, pool, n,
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
         extra["generations"] = before_after(loaded.requests, said_before,
                                             what_it_says(result.model, tok, loaded.requests, chat))
-        print_location(console, location)
         print_generations(console, extra["generations"])
         print_eval(console, pre.summary, post.summary, result.seconds["train"])
     elif cfg.mode == "single":
