@@ -109,17 +109,15 @@ def _run(model, tok, requests, label: str, method: str, overrides: list[str], fi
     finally:
         applied.restore()
     row = {"method": label, **{k: post[k] for k in KEYS}, "edit_seconds": applied.seconds,
-           "eval_seconds": time.perf_counter() - start, "layers": [t["layer"] for t in applied.touched],
-           "overrides": overrides, "details": _details(applied.details)}
+           "eval_seconds": time.perf_counter() - start, "layers": [t.layer for t in applied.touched],
+           "overrides": overrides, "details": _details(applied.log)}
     logger.info("%s: %s", label, {k: round(row[k], 1) for k in (*KEYS, "edit_seconds")})
     return row
 
 
-def _details(details) -> dict:
+def _details(log: dict) -> dict:
     """The per-method log without tensors (AlphaEdit's state, ROME's deltas)."""
-    if not isinstance(details, dict):
-        return {}
-    return {k: v for k, v in details.items() if k not in ("state", "deltas")}
+    return {k: v for k, v in log.items() if k not in ("state", "deltas")}
 
 
 if __name__ == "__main__":

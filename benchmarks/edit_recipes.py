@@ -17,11 +17,12 @@ import torch
 
 from ftedit.config import resolve_config
 from ftedit.data import load_pool_facts, load_requests
-from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests
 from ftedit.evaluate.common import harmonic_mean
+from ftedit.methods import apply_spec
 from ftedit.models import load_model
 from ftedit.outputs import write_json_atomic
+from ftedit.registry import ApplyContext, get_method
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "easyedit"
 KEYS = ("efficacy", "generalization", "locality", "edit_score")
@@ -55,7 +56,8 @@ def main() -> None:
         cfg = resolve_config(recipe, overrides=_applicable(recipe, args.overrides) + own)
         torch.manual_seed(cfg.train.seed)
         start = time.perf_counter()
-        result = edit(model, tok, requests, cfg, pool=pool, progress=False, model_fingerprint=identity.fingerprint)
+        context = ApplyContext(pool=pool, progress=False, model_fingerprint=identity.fingerprint)
+        result = apply_spec(get_method(recipe), cfg, model, tok, requests, context)  # resolves layers: auto
         seconds = time.perf_counter() - start
         post = _single_mean(result.single_edit_metrics) if cfg.mode == "single" else \
             evaluate_requests(result.model, tok, requests, progress=False).summary

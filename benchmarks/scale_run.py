@@ -28,11 +28,12 @@ from ftedit.atomic import write_bytes_atomic, write_json_atomic
 from ftedit.checkpoint import Checkpoints, run_fingerprint
 from ftedit.config import resolve_config
 from ftedit.data import load_requests
-from ftedit.editor import edit
+from ftedit.editor import apply_recipe
 from ftedit.evaluate import evaluate_requests
 from ftedit.evaluate.common import harmonic_mean
 from ftedit.models import load_model
 from ftedit.outputs import build_manifest, request_hash, save_edit
+from ftedit.registry import ApplyContext
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "easyedit"
 LEAN = ["params.layers=-3:", "params.modules=down,up", "train.epochs=10", "train.batch_size=64", "train.lr=1e-3",
@@ -83,13 +84,13 @@ def stage_edit(args, requests, progress: Progress):
     fingerprint = run_fingerprint(cfg.to_dict(), [request_hash(r) for r in requests], identity.fingerprint)
     checkpoints = Checkpoints(edit_dir / "checkpoint", fingerprint, args.checkpoint_every, resume=True)
     start = time.perf_counter()
-    result = edit(model, tok, requests, cfg, progress=True, model_fingerprint=identity.fingerprint,
-                  checkpoints=checkpoints)
+    result = apply_recipe(model, tok, requests, cfg, ApplyContext(progress=True, model_fingerprint=identity.fingerprint,
+                                                                  checkpoints=checkpoints))
     seconds = time.perf_counter() - start
     manifest = build_manifest(result, requests, identity.to_dict(), {"wall_seconds_this_process": seconds})
     save_edit(edit_dir, result, tok, manifest, save="model", overwrite=True)
     progress.add("edit", seconds, steps=result.train[0].steps, final_loss=result.train[0].final_loss,
-                 trainable_parameters=result.trainable_parameters, targets=[t["name"] for t in result.targets])
+                 trainable_parameters=result.trainable_parameters, targets=[t.name for t in result.touched])
     return result.model, tok
 
 

@@ -15,12 +15,13 @@ from ftedit.baselines.common import (
     post_mlp_module,
     residual_to_down,
     rewrite_probes,
-    weight_out_in,
 )
 from ftedit.baselines.rome import rank_one_update
 from ftedit.baselines.stats import CorpusError, StatsConfig, mom2
 from ftedit.data.requests import EditRequest
-from ftedit.methods import BASELINES, apply_method, method_names
+from ftedit.methods import apply_method, method_names
+from ftedit.params import weight_out_in
+from ftedit.registry import get_method
 from ftedit.tokenization import encode_prompt
 
 REQUESTS = [
@@ -193,7 +194,7 @@ def test_mom2_cache_hit_and_miss(llama_model, llama_tok, corpus, monkeypatch):
     cfg = StatsConfig(corpus=str(corpus), n_samples=3, max_length=16)
     target = down_proj(llama_model, 0)
     first = mom2(llama_model, llama_tok, [target], cfg, fingerprint="abc", progress=False)[0]
-    path = stats_mod.cache_path("abc", target, cfg)
+    path = stats_mod.stats_path("abc", target, cfg)
     assert path.is_file()
 
     def no_collect(*args, **kwargs):
@@ -245,9 +246,9 @@ def test_baseline_runs_touches_only_down_projections_and_restores(request, model
         f"stats.corpus={corpus}", "stats.n_samples=6", "stats.max_length=32", "value.steps=4",
         "value.context_lengths=[3]", "value.context_seeds=[The, I]"])
     assert applied.method == method and applied.seconds > 0 and applied.config["stats"]["n_samples"] == 6
-    assert applied.touched and all(t["role"] == "down" for t in applied.touched)
+    assert applied.touched and all(t.role == "down" for t in applied.touched)
     changed = {n for n, p in model.named_parameters() if not p.detach().equal(before[n])}
-    assert changed == {t["name"] + ".weight" for t in applied.touched}
+    assert changed == {t.name + ".weight" for t in applied.touched}
     assert applied.restore() is model
     assert all(p.detach().equal(before[n]) for n, p in model.named_parameters())
 
@@ -284,13 +285,13 @@ def test_ft_l_keeps_weights_within_the_norm_bound(gpt2_model, gpt2_tok):
         diff = (dict(gpt2_model.named_parameters())[n].detach() - before[n]).abs().max().item()
         assert 0 < diff <= 1e-3 + 1e-7
     applied.restore()
-    assert "ft-l" in BASELINES and method_names().count("ft-l") == 1
+    assert method_names().count("ft-l") == 1 and get_method("ft-l").recipe  # FT-L is its recipe, once
 
 
 def test_cli_edit_with_a_baseline_writes_model_and_manifest(tmp_path, llama_model, llama_tok, corpus, data_dir):
     from typer.testing import CliRunner
 
-    from ftedit.cli import app
+    from ftedit.commands import app
 
     base = tmp_path / "tiny-llama"
     llama_model.save_pretrained(base)

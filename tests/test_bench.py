@@ -16,7 +16,7 @@ from ftedit.bench import (
     resolved_config,
     run_bench,
 )
-from ftedit.cli import app
+from ftedit.commands import app
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftedit.cli import app
+from ftedit.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_two_cpu_processes_train_like_one(tmp_path, llama_model, llama_tok, data
         env["ACCELERATE_USE_FSDP"] = "true"
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "ftedit.cli", *args, "--out", str(tmp_path / "two")],
+         "--master_port", str(_free_port()), "-m", "ftedit", *args, "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert ("FSDP: 3 decoder blocks and the root sharded" in launched.stderr) == fsdp
@@ -78,7 +78,8 @@ def test_quantized_base_weights_need_cuda_and_lora(tmp_path, llama_model, llama_
     llama_model.hf_quantizer = object()  # what a bitsandbytes load leaves on the model
     requests = load_requests(data_dir / "fixtures/counterfact_rome_format_first5.json").requests
     with pytest.raises(ValueError, match="quantized"):
-        edit(llama_model, llama_tok, requests, resolve_config("locft-bf"), progress=False)
+        edit(llama_model, llama_tok, requests, resolve_config("locft-bf", overrides=["params.layers=1"]),
+             progress=False)
 
 
 def test_device_auto_places_the_model_with_a_device_map(tmp_path, llama_model, llama_tok):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from ftedit.commands.eval import eval_command
 from ftedit.evaluate import evaluate_requests
-from ftedit.evaluate.cli import eval_command
 from ftedit.outputs import write_json_atomic
 
 

@@ -5,12 +5,14 @@ import torch
 from typer.testing import CliRunner
 
 from ftedit import locate
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.config import ConfigError, LocateConfig, resolve_config
 from ftedit.data.requests import EditRequest
 from ftedit.editor import edit
 from ftedit.locate import Candidate, candidates_for, halving_budgets, sweep, write_report
+from ftedit.methods import apply_method, apply_spec
 from ftedit.outputs import build_manifest
+from ftedit.registry import ApplyContext, get_method
 from test_editor import REQUESTS
 
 
@@ -83,12 +85,13 @@ def test_results_are_cached_per_model_and_settings(llama_model, llama_tok, monke
 def test_layers_auto_edits_at_the_chosen_location_and_records_it(llama_model, llama_tok):
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
-    result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2")
+    context = ApplyContext(progress=False, model_fingerprint="m2")
+    result = apply_spec(get_method("locft-bf"), cfg, llama_model, llama_tok, REQUESTS, context)
     loc = result.location
     assert loc["source"] == "search" and loc["n_candidates"] == 4
-    assert {t["layer"] for t in result.targets} == {loc["layer"]}
+    assert {t.layer for t in result.touched} == {loc["layer"]} and "locate" in result.phase_seconds
     expected_roles = {"attn": {"q", "k", "v", "o"}, "down": {"down"}}[loc["module"]]
-    assert {t["role"] for t in result.targets} == expected_roles
+    assert {t.role for t in result.touched} == expected_roles
     manifest = build_manifest(result, REQUESTS, {"spec": "tiny"})
     assert manifest["touched"]["location"] == loc and manifest["config"]["params"]["layers"] == str(loc["layer"])
     assert cfg.params.layers == "auto"  # the caller's config is not mutated
@@ -105,9 +108,16 @@ def test_report_files(tmp_path, llama_model, llama_tok):
     assert (tmp_path / "sweep.csv").read_text().startswith("layer,module,epochs,efficacy")
 
 
+def test_edit_refuses_an_unresolved_auto_location(llama_model, llama_tok):
+    cfg = _config()
+    assert cfg.params.layers == "auto"
+    with pytest.raises(ValueError, match="resolve_location"):
+        edit(llama_model, llama_tok, REQUESTS, cfg, progress=False)
+
+
 def test_locft_bf_chooses_its_location_among_down_and_up_projections(llama_model, llama_tok):
-    result = edit(llama_model, llama_tok, REQUESTS, resolve_config("locft-bf", overrides=["train.epochs=3"]),
-                  progress=False)
+    result = apply_method("locft-bf", llama_model, llama_tok, REQUESTS, overrides=["train.epochs=3"],
+                          progress=False)
     assert result.location["source"] == "search" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
     assert result.location["module"] in ("down", "up") and result.location["layer"] in (0, 2)
 
@@ -140,7 +150,8 @@ def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
 
 
 def test_auto_searches_on_the_calibration_set_never_on_the_edits(llama_model, llama_tok, monkeypatch, tmp_path):
-    from ftedit.calibration import calibration_path, load_calibration
+    from ftedit.calibration import calibration_path
+    from ftedit.data.loaders import load_requests
 
     # no probes, no subject, no true answer; prompts that the calibration set does not hold
     bare = [EditRequest("Paris is the capital of", "", "Italy"), EditRequest("The quick brown fox jumps over the",
@@ -150,17 +161,18 @@ def test_auto_searches_on_the_calibration_set_never_on_the_edits(llama_model, ll
     monkeypatch.setattr(locate, "run_trial", lambda m, t, reqs, *a: seen.extend(reqs) or real_trial(m, t, reqs, *a))
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
-    first = edit(llama_model, llama_tok, bare, cfg, progress=False, model_fingerprint="m3")
+    spec, context = get_method("locft-bf"), ApplyContext(progress=False, model_fingerprint="m3")
+    first = apply_spec(spec, cfg, llama_model, llama_tok, bare, context)
     first.restore()
-    calibration = load_calibration()
+    calibration = load_requests(calibration_path()).requests
     assert seen and set(seen) <= set(calibration)
     edit_prompts = {r.prompt for r in bare}
     assert not edit_prompts & {p for r in seen for p in (r.prompt, *r.paraphrase_prompts)}
     loc = first.location
     assert loc["source"] == "search" and loc["calibration"]["file"] == calibration_path().name
-    assert {t["layer"] for t in first.targets} == {loc["layer"]} and loc["trials"]
+    assert {t.layer for t in first.touched} == {loc["layer"]} and loc["trials"]
     n_trials = len(seen)
-    again = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m3")  # other edits
+    again = apply_spec(spec, cfg, llama_model, llama_tok, REQUESTS, context)  # other edits
     assert again.location["source"] == "cached" and len(seen) == n_trials
     assert (again.location["layer"], again.location["module"]) == (loc["layer"], loc["module"])
 
@@ -244,4 +256,4 @@ def test_cli_locate_calibration_runs_the_search_of_layers_auto(tmp_path, llama_d
     assert data["strategy"] == "halving" and data["n_edits"] == 5  # the (tests') calibration set, all 5 records
     assert "recommended: --set params.layers=" in result.output
     both = CliRunner().invoke(app, args + ["--data", "x.json"])
-    assert both.exit_code != 0 and "either --data" in str(both.exception)
+    assert both.exit_code != 0 and "either --data" in both.output

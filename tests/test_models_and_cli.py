@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.models import ModelLoadError, load_model, parse_dtype
 
 

@@ -61,7 +61,7 @@ def test_augmentation_protects_neighbors_on_gemma(gemma, data_dir):
 def test_demo_end_to_end_edits_gemma():
     from rich.console import Console
 
-    from ftedit.demo import run_demo
+    from ftedit.commands.demo import run_demo
 
     out = run_demo(console=Console(width=200))
     assert out["post"]["efficacy"] == 100.0 and out["pre"]["efficacy"] < 50

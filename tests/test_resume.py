@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ftedit.checkpoint import CheckpointError, Checkpoints, run_fingerprint
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.config import resolve_config
 from ftedit.data import load_requests
 from ftedit.editor import edit
@@ -114,7 +114,7 @@ def step(self, *args, **kwargs):
     taken.append(1)
     return accumulate(self, *args, **kwargs)
 Stepper.accumulate = step
-from ftedit.cli import app
+from ftedit.commands import app
 sys.argv = ["ftedit"] + sys.argv[1:]
 app()
 """

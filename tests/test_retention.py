@@ -31,7 +31,7 @@ from ftedit.retention import (
     run_study,
     write_report,
 )
-from ftedit.retention.measure import Probe, disjoint_facts
+from ftedit.retention.measure import RetentionProbe, disjoint_facts
 from ftedit.retention.tasks import DownstreamTask
 from ftedit.tokenization import encode_text, pad_right
 
@@ -92,7 +92,7 @@ def _edit_manifest(model, tok):
     request = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome",
                           target_true="Paris")
     applied = apply_method("locft-bf", model, tok, [request], overrides=["train.epochs=1"], progress=False)
-    manifest = build_manifest(applied.details, [request], {"spec": "tiny"})
+    manifest = build_manifest(applied, [request], {"spec": "tiny"})
     for p in model.parameters():
         p.requires_grad_(True)
     return applied, manifest
@@ -104,7 +104,7 @@ def test_protect_edits_from_manifest_file(fixture, request, tmp_path, gpt2_tok, 
     tok = gpt2_tok if fixture == "gpt2_model" else llama_tok
     applied, manifest = _edit_manifest(model, tok)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    touched = {t["name"] for t in applied.touched}
+    touched = {t.name for t in applied.touched}
     before = _snapshot(model)
     handle = protect_edits(model, tmp_path)  # the output folder of `ftedit edit`
     assert {n.rsplit(".", 1)[0] for n in handle.frozen} == touched
@@ -138,7 +138,7 @@ def test_protect_edits_trainer_callback(gpt2_model, gpt2_tok, tmp_path):
     callback = ProtectEditsCallback(manifest)
     Trainer(model=gpt2_model, args=args, train_dataset=rows, callbacks=[callback]).train()
     changed = _changed(gpt2_model, before)
-    touched = {f"{t['name']}.weight" for t in applied.touched}
+    touched = {f"{t.name}.weight" for t in applied.touched}
     assert changed and not changed & touched
     assert all(p.requires_grad for p in gpt2_model.parameters())
 
@@ -210,7 +210,7 @@ def test_task_filters_records_and_reports_removed(gpt2_tok, tmp_path):
 
 
 def test_fallback_classification(gpt2_tok):
-    probe = Probe("edited", "The capital of France is", "Rome", "France", "{} capital", original="Paris")
+    probe = RetentionProbe("edited", "The capital of France is", "Rome", "France", "{} capital", original="Paris")
     related = {("italy", "Rome"), ("england", "London"), ("germany", "Berlin")}
     ids = {w: gpt2_tok(" " + w)["input_ids"][0] for w in ("Paris", "London", "dog")}
     assert len(set(ids.values())) == 3
@@ -316,7 +316,7 @@ def test_report_writer_from_a_result(tmp_path):
 
 
 def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, tmp_path):
-    from ftedit.retention.cli import parse_tasks
+    from ftedit.retention.tasks import parse_tasks
 
     path = tmp_path / "t.txt"
     path.write_text("\n".join(TEXTS * 3))
@@ -330,15 +330,15 @@ def test_relative_threshold_resolves_from_the_base_model(gpt2_model, gpt2_tok, t
 
 
 def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
-    from ftedit.retention.measure import Snapshot, lost_edits
+    from ftedit.retention.measure import RetentionSnapshot, lost_edits
 
-    probes = [Probe("edited", "P1", "Rome", "France", "r", original="Paris"),
-              Probe("edited", "P2", "dog", "Spain", "r", original="fox"),
-              Probe("edited", "P3", "London", "Italy", "r", original="fox"),
-              Probe("intrinsic", "P4", "capital", "Chad", "q")]
+    probes = [RetentionProbe("edited", "P1", "Rome", "France", "r", original="Paris"),
+              RetentionProbe("edited", "P2", "dog", "Spain", "r", original="fox"),
+              RetentionProbe("edited", "P3", "London", "Italy", "r", original="fox"),
+              RetentionProbe("intrinsic", "P4", "capital", "Chad", "q")]
     paris = gpt2_tok(" Paris")["input_ids"][0]
-    post = Snapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
-    end = Snapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
+    post = RetentionSnapshot("post-edit", 0, [True, True, False, True], [None] * 4, [None] * 4, [[]] * 4)
+    end = RetentionSnapshot("step 9", 9, [False, True, False, False], ["Paris", "dog", None, None], [paris, 1, None, None],
                    [[]] * 4)
     lost = lost_edits(probes, post, end, gpt2_tok, {"r": {("france", "Rome")}})
     assert [(x["index"], x["fallback"], x["predicted"]) for x in lost] == [(0, "original", "Paris")]
@@ -348,7 +348,7 @@ def test_lost_edits_are_those_known_after_editing_and_not_at_the_end(gpt2_tok):
 def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok, data_dir):
     from typer.testing import CliRunner
 
-    from ftedit.cli import app
+    from ftedit.commands import app
 
     base = tmp_path / "base"
     gpt2_model.save_pretrained(base)

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftedit.chat import apply_chat_template
-from ftedit.cli import app
+from ftedit.commands import app
 from ftedit.config import resolve_config
 from ftedit.data.requests import EditRequest
 from ftedit.editor import edit

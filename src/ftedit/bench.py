@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
+from ftedit.cache import file_digest
 from ftedit.config import ConfigError, parse_assignments, recipe_names, resolve_config
-from ftedit.methods import apply_method, method_names
+from ftedit.methods import AppliedEdit, apply_method, method_names
 
 logger = logging.getLogger(__name__)
 
@@ -172,17 +173,11 @@ def _needs_pool(config: dict[str, Any] | None, method: str) -> bool:
 
 
 def _file_digest(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path) if path and Path(path).is_file() else None
 
 
 def model_key(spec: str) -> dict[str, str]:
-    """Identity of a model spec without loading it: the fingerprint ``load_model`` records (GGUF/config hash)."""
+    """Identity of a model spec without loading it: the fingerprint ``load_model`` records (GGUF or weight-file hash)."""
     from ftedit.models import _resolve
 
     source, name_or_path, fingerprint = _resolve(spec)
@@ -263,11 +258,10 @@ def _reset_cuda_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _train_summary(applied) -> dict[str, Any]:
-    details = applied.details
-    runs = getattr(details, "train", None) or []
+def _train_summary(applied: AppliedEdit) -> dict[str, Any]:
+    runs = applied.train
     return {"steps": sum(r.steps for r in runs), "final_loss": runs[-1].final_loss if runs else None,
-            "seconds": getattr(details, "seconds", None)}
+            "seconds": applied.phase_seconds}
 
 
 def run_entry(p: Planned, settings: BenchSettings, model, tok, identity, requests, pool) -> dict[str, Any]:
@@ -285,7 +279,9 @@ def run_entry(p: Planned, settings: BenchSettings, model, tok, identity, request
     if p.entry.method != UNEDITED:
         applied = apply_method(p.entry.method, model, tok, requests, overrides=p.key["overrides"], pool=pool,
                                progress=settings.progress, model_fingerprint=identity.fingerprint)
-        record.update(config=applied.config, touched=applied.touched, info=applied.info,
+        info = {"trainable_parameters": applied.trainable_parameters,
+                "examples_by_kind": applied.examples_by_kind}
+        record.update(config=applied.config, touched=applied.touched_dicts(), info=info,
                       train=_train_summary(applied))
     edit_seconds = time.perf_counter() - start
     memory.update(rss_after_edit_mb=_rss_mb(), cuda_edit_peak_mb=_cuda_peak_mb(device))
@@ -467,7 +463,7 @@ def table_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -489,7 +485,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
              "",
              "| " + " | ".join(COLUMNS[:-1]) + " |",
              "|" + "|".join("---" if c in ("label", "method", "status") else "---:" for c in COLUMNS[:-1]) + "|"]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS[:-1]) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS[:-1]) + " |" for r in rows]
     lines += ["", "## Entry configurations", ""]
     shared = list(cfg["overrides"])
     for row, r in zip(payload["rows"], rows, strict=True):
@@ -498,21 +494,6 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines.append(f"- **{r['label']}**: `{r['method']}`" + (f" `{overrides}`" if overrides else "")
                      + f" -> {r['config']}")
     return "\n".join(lines) + "\n"
-
-
-def print_summary(console, payload: dict[str, Any], out: Path) -> None:
-    """The headline columns as a rich table (the full table is in OUT/table.md)."""
-    from rich.table import Table
-
-    table = Table(title=f"ftedit bench: {payload['config']['model']}, {payload['config']['n_requests']} edits")
-    columns = ("label", "method", "status", *METRICS, "edit_s", "eval_s", "peak_rss_mb")
-    headers = ("label", "method", "status", "ES", "PS", "NS", "score", "edit s", "eval s", "peak MB")
-    for c, h in zip(columns, headers, strict=True):
-        table.add_column(h, justify="left" if c in ("label", "method", "status") else "right")
-    for r in table_rows(payload):
-        table.add_row(*(_cell(r[c]) for c in columns))
-    console.print(table)
-    console.print(f"wrote {out}/table.md, table.csv, results.json, plot.png")
 
 
 def render_csv(payload: dict[str, Any]) -> str:

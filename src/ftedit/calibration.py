@@ -57,10 +57,3 @@ def build_calibration_set(union: Sequence[dict[str, Any]], train_ids: set[int], 
         raise ValueError(f"only {len(eligible)} training-split records are eligible, {n} asked for")
     chosen = random.Random(seed).sample(eligible, n)
     return [{k: r[k] for k in KEEP} for r in sorted(chosen, key=lambda r: r["case_id"])]
-
-
-def load_calibration(path: str | Path | None = None):
-    """The calibration records as ``EditRequest`` objects (shipped file unless ``path``)."""
-    from ftedit.data.loaders import load_requests
-
-    return load_requests(path or calibration_path()).requests

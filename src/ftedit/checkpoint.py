@@ -117,9 +117,7 @@ class RunCheckpoint:
         if state is None or state["run"] != self.run:
             return None
         _load_params(params, state["params"], self.parent.path)
-        stepper.opt.load_state_dict(state["optimizer"])
-        stepper.sched.load_state_dict(state["scheduler"])
-        stepper.steps = state["steps"]
+        stepper.load_state_dict({k: state[k] for k in ("optimizer", "scheduler", "steps")})
         rng.setstate(_as_rng_state(state["rng"]))
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
@@ -142,9 +140,7 @@ class RunCheckpoint:
             "run": run,
             "completed": self.parent.completed,
             "params": [p.detach().cpu() for p in params],
-            "optimizer": stepper.opt.state_dict(),
-            "scheduler": stepper.sched.state_dict(),
-            "steps": stepper.steps,
+            **stepper.state_dict(),
             "rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

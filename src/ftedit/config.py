@@ -186,6 +186,3 @@ def merge_sources(obj: Any, config_file: str | Path | None = None,
         _merge(obj, parse_assignments(overrides) if isinstance(overrides, list) else overrides, "--set")
     return obj
 
-
-def save_config(cfg: EditConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

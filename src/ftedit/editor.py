@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from ftedit.params import (
     select_targets,
     trainable_parameters,
 )
+from ftedit.registry import AppliedEdit, ApplyContext, TouchedModule
 from ftedit.train import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Attached:
-    """The trainable parameters of an edit and how to undo it."""
+    """The trainable parameters of an edit, how to train them and how to undo the edit."""
 
     model: nn.Module  # the model to train and evaluate (a PeftModel for LoRA)
     params: dict[str, nn.Parameter]
@@ -51,6 +53,46 @@ class Attached:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.initial[name])
+
+    @contextmanager
+    def unedited(self):
+        """The attach-time weights for the duration of the block; the current ones again afterwards."""
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        self.reset()
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(current[name])
+
+    def train(self, tok, examples, config: EditConfig, progress: bool, checkpoint=None) -> TrainResult:
+        return train(self.model, tok, examples, list(self.params.values()), config.train, config.objective,
+                     after_step=self.after_step, progress=progress, prefix_layers=self.first_layer,
+                     checkpoint=checkpoint)
+
+    def detach(self) -> nn.Module:
+        """Undo the edit: original weights, no adapters, nothing trainable. Returns the plain model."""
+        self.reset()
+        base = self.model.unload() if self.lora else self.model
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+
+
+def _require_location(config: EditConfig) -> None:
+    if config.params.layers == "auto":
+        raise ValueError("params.layers=auto is resolved before editing: call ftedit.locate.resolve_location(...) "
+                         "(ftedit.methods.apply_method and `ftedit edit` do) or set params.layers")
+
+
+def attach_config(model: nn.Module, config: EditConfig) -> tuple[Attached, list[Target]]:
+    """Select the weights ``config.params`` names and make exactly those trainable (see :func:`attach`)."""
+    _require_location(config)
+    targets = select_targets(model, config.params.layers, config.params.modules)
+    attached = attach(model, targets, config.params)
+    attached.first_layer = first_trainable_layer(targets)
+    return attached, targets
 
 
 def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attached:
@@ -98,7 +140,6 @@ class EditResult:
     train: list[TrainResult]
     seconds: dict[str, float]
     single_edit_metrics: list[dict[str, Any]] = field(default_factory=list)
-    location: dict[str, Any] | None = None  # how params.layers=auto chose the layers and modules
     _attached: Attached | None = None
     _merged: bool = False
 
@@ -113,15 +154,7 @@ class EditResult:
         """Undo the edit and return the original model."""
         if self._merged:
             raise RuntimeError("the LoRA edit was merged into the weights (merged_model()); it cannot be undone")
-        return _detach(self._attached) if self._attached else self.model
-
-
-def _detach(attached: Attached) -> nn.Module:
-    attached.reset()
-    base = attached.model.unload() if attached.lora else attached.model
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base
+        return self._attached.detach() if self._attached else self.model
 
 
 def edit(
@@ -148,22 +181,14 @@ def edit(
     requests = list(requests)
     if not requests:
         raise ValueError("no edit requests")
+    _require_location(config)
     timings: dict[str, float] = {}
-    location = None
-    if config.params.layers == "auto":  # callers that resolved it first pass the chosen layers instead
-        from ftedit.locate import resolve_location
-
-        t0 = time.perf_counter()
-        config, location = resolve_location(model, tok, config, progress=progress, model_fingerprint=model_fingerprint)
-        timings["locate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     examples = build_training_set(model, tok, requests, config.augment, pool=pool, progress=progress,
                                   model_fingerprint=model_fingerprint)
     timings["augment"] = time.perf_counter() - t0
 
-    targets = select_targets(model, config.params.layers, config.params.modules)
-    attached = attach(model, targets, config.params)
-    attached.first_layer = first_trainable_layer(targets)
+    attached, targets = attach_config(model, config)
     n_trainable = sum(p.numel() for p in attached.params.values())
     logger.info("trainable parameters: %s in %d modules (%s)", f"{n_trainable:,}", len(targets),
                 ", ".join(t.name for t in targets))
@@ -173,7 +198,7 @@ def edit(
         runs, single = _run_mode(attached, tok, requests, examples, config, evaluate_single, progress,
                                  checkpoints)
     except BaseException:
-        _detach(attached)  # a failed edit leaves the caller's model as it was
+        attached.detach()  # a failed edit leaves the caller's model as it was
         raise
     timings["train"] = time.perf_counter() - t1
     return EditResult(
@@ -185,7 +210,6 @@ def edit(
         train=runs,
         seconds=timings,
         single_edit_metrics=single,
-        location=location,
         _attached=attached,
     )
 
@@ -194,23 +218,17 @@ def _examples_for(examples: list[TrainingExample], request_ids: set[int]) -> lis
     return [e for e in examples if e.request_index in request_ids]
 
 
-def _train(attached: Attached, tok, examples, config: EditConfig, progress: bool, checkpoint=None) -> TrainResult:
-    return train(attached.model, tok, examples, list(attached.params.values()), config.train, config.objective,
-                 after_step=attached.after_step, progress=progress, prefix_layers=attached.first_layer,
-                 checkpoint=checkpoint)
-
-
 def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_single, progress, checkpoints=None):
     def run_checkpoint(run: int):
         return checkpoints.for_run(run) if checkpoints is not None else None
 
     if config.mode == "mass":
-        return [_train(attached, tok, examples, config, progress, run_checkpoint(0))], []
+        return [attached.train(tok, examples, config, progress, run_checkpoint(0))], []
     if config.mode == "sequential":
         runs = []
         for run, start in enumerate(range(0, len(requests), config.sequential_batch)):
             ids = set(range(start, min(start + config.sequential_batch, len(requests))))
-            runs.append(_train(attached, tok, _examples_for(examples, ids), config, progress, run_checkpoint(run)))
+            runs.append(attached.train(tok, _examples_for(examples, ids), config, progress, run_checkpoint(run)))
         return runs, []
     if evaluate_single is None:
         from ftedit.evaluate import evaluate_requests
@@ -220,8 +238,24 @@ def _run_mode(attached, tok, requests, examples, config: EditConfig, evaluate_si
     runs, metrics = [], []
     for i, request in enumerate(requests):
         try:
-            runs.append(_train(attached, tok, _examples_for(examples, {i}), config, progress=False))
+            runs.append(attached.train(tok, _examples_for(examples, {i}), config, progress=False))
             metrics.append({"request_index": i, **evaluate_single(attached.model, tok, [request])})
         finally:
             attached.reset()
     return runs, metrics
+
+
+def apply_recipe(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
+                 context: ApplyContext) -> AppliedEdit:
+    """The registry's apply function of every fine-tuning recipe: :func:`edit`, as an ``AppliedEdit``."""
+    start = time.perf_counter()
+    result = edit(model, tok, requests, config, pool=context.pool, progress=context.progress,
+                  model_fingerprint=context.model_fingerprint, checkpoints=context.checkpoints)
+    lora = result._attached is not None and result._attached.lora
+    return AppliedEdit(
+        method=config.recipe, model=result.model, config=config.to_dict(),
+        touched=[TouchedModule(**t) for t in result.targets], weights=config.params.method,
+        seconds=time.perf_counter() - start, restore_weights=result.restore,
+        merge=result.merged_model if lora else None, seed=config.train.seed,
+        trainable_parameters=result.trainable_parameters, train=result.train, phase_seconds=result.seconds,
+        examples_by_kind=result.examples_by_kind, single_edit_metrics=result.single_edit_metrics)

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
-from ftedit.config import EditConfig, LocateConfig
-from ftedit.data.requests import EditRequest
+from ftedit.cache import cache_path
+from ftedit.config import EditConfig, LocateConfig, resolve_config
+from ftedit.data.requests import EditRequest, request_hash
 from ftedit.evaluate.common import harmonic_mean, mean, percent
-from ftedit.models import cache_dir
 from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def rank_key(trial: Trial, rank: str = "soft") -> tuple[float, ...]:
 def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConfig,
           locate: LocateConfig | None = None, progress: bool = True, model_fingerprint: str = "") -> SweepResult:
     """Run the search of ``locate`` (default ``base.locate``) on ``requests`` and return every trial and the best
-    location. Results are cached under ``cache_dir()/locate`` when the model fingerprint is given and
+    location. Results are cached under ``ftedit.cache.cache_dir()/locate`` when the model fingerprint is given and
     ``locate.cache`` is on, keyed by fingerprint, search settings and the sampled records.
     """
     locate = locate or base.locate
@@ -254,11 +254,7 @@ def _n_trials(n: int, budgets: list[int], eta: int) -> int:
 
 
 def _cache_path(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> Path:
-    from ftedit.outputs import request_hash
-
-    payload = json.dumps({"model": fingerprint, "settings": settings,
-                          "edits": [request_hash(r) for r in sample]}, sort_keys=True, default=str)
-    return cache_dir() / "locate" / f"{hashlib.sha256(payload.encode()).hexdigest()[:20]}.json"
+    return cache_path("locate", model=fingerprint, settings=settings, edits=[request_hash(r) for r in sample])
 
 
 # -- params.layers=auto: the calibration search -------------------------------------------------------------
@@ -298,15 +294,16 @@ def shipped_entry(model_name: str, digest: str, key: str, result: SweepResult) -
 def calibration_search(model: nn.Module, tok, config: EditConfig, progress: bool = True,
                        model_fingerprint: str = "", calibration: str | Path | None = None) -> SweepResult:
     """The location search of ``config`` on the calibration set (never on the edits it will place)."""
-    from ftedit.calibration import load_calibration
+    from ftedit.calibration import calibration_path
+    from ftedit.data.loaders import load_requests
 
-    return sweep(model, tok, load_calibration(calibration), config, progress=progress,
+    return sweep(model, tok, load_requests(calibration or calibration_path()).requests, config, progress=progress,
                  model_fingerprint=model_fingerprint)
 
 
 def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = None, progress: bool = True,
                      model_fingerprint: str = "", calibration: str | Path | None = None
-                     ) -> tuple[EditConfig, dict[str, Any] | None]:
+                     ) -> tuple[EditConfig, dict[str, Any]]:
     """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest.
 
     The location is a property of the model: it comes from the search on the shipped calibration set
@@ -314,7 +311,7 @@ def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = 
     now and cached. The edits themselves play no part. Configs with explicit layers pass through unchanged.
     """
     if config.params.layers != "auto":
-        return config, None
+        return config, {"source": "config"}
     from ftedit.calibration import calibration_path, calibration_sha256
 
     cal_file = str(calibration or calibration_path())
@@ -340,6 +337,53 @@ def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = 
                     "settings_key": key, "strategy": result.strategy, "n_candidates": len(result.candidates),
                     "seconds": result.seconds, "trial_metrics": result.best_metrics(),
                     "trials": table_rows(result)}
+
+
+STRATEGIES = ("exhaustive", "halving", "both")
+
+
+def run_sweeps(*, data, out: Path, model, recipe, overrides, strategy, n, offset, device, dtype,
+               progress) -> dict[str, SweepResult]:
+    """``ftedit locate``: load the model and edits, run the sweep(s) and write each report to ``out/<strategy>``."""
+    from ftedit.data.loaders import load_requests
+    from ftedit.models import load_model
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy {strategy!r}: expected one of {STRATEGIES}")
+    cfg = resolve_config(recipe, None, overrides)
+    if n is not None:
+        cfg.locate.n_edits = n
+    loaded = load_requests(data, n=cfg.locate.n_edits, offset=offset)
+    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    title = f"{identity.name_or_path.split('/')[-1]}, {len(loaded.requests)} edits, trials: {recipe}"
+    results = {}
+    for name in ("halving", "exhaustive") if strategy == "both" else (strategy,):
+        settings = replace(cfg.locate, strategy=name)
+        result = sweep(base, tok, loaded.requests, cfg, settings, progress=progress,
+                       model_fingerprint=identity.fingerprint)
+        write_report(Path(out) / name, result, identity.to_dict(), title)
+        results[name] = result
+    return results
+
+
+def run_calibration_sweep(*, out: Path, model, recipe, overrides, strategy, n, device, dtype,
+                          progress) -> tuple[SweepResult, dict[str, Any] | None]:
+    """``ftedit locate --calibration``: the search of ``params.layers=auto`` rerun without the cache, its report
+    written to ``out``; with the shipped entry of this (bundled) model under the same settings, if any."""
+    from ftedit.calibration import calibration_sha256
+    from ftedit.models import load_model
+
+    cfg = resolve_config(recipe, None, overrides)
+    if strategy:
+        cfg.locate.strategy = strategy
+    if n is not None:
+        cfg.locate.n_edits = n
+    cfg.validate()
+    cfg.locate.cache = False
+    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    result = calibration_search(base, tok, cfg, progress=progress)
+    write_report(out, result, identity.to_dict(), f"{identity.spec}, calibration set, trials: {recipe}")
+    return result, shipped_result(identity, settings_key(search_settings(cfg), calibration_sha256()))
 
 
 # -- reports -------------------------------------------------------------------------------------------------

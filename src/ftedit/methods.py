@@ -1,49 +1,41 @@
 """One entry point for every way ftedit can edit a model: its fine-tuning recipes and the baselines.
 
 ``apply_method("locft-bf", model, tok, requests)`` and ``apply_method("rome", model, tok, requests)`` return the
-same ``AppliedEdit``, so the bench, the retention study and the CLI treat all methods alike.
+same ``AppliedEdit``, so the bench, the retention study and ``ftedit edit`` treat all methods alike. The methods
+are those of :mod:`ftedit.registry`.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from ftedit.config import recipe_names, resolve_config
 from ftedit.data.examples import PoolFact
 from ftedit.data.requests import EditRequest
-
-# Baseline name -> "module:function". Each function has the signature of ``apply_method`` below (minus the
-# name) and returns an ``AppliedEdit``. Imported lazily: the baselines pull in statistics code nobody else needs.
-BASELINES: dict[str, str] = {
-    "rome": "ftedit.baselines.rome:apply_rome",
-    "memit": "ftedit.baselines.memit:apply_memit",
-    "alphaedit": "ftedit.baselines.alphaedit:apply_alphaedit",
-    "ft-l": "ftedit.baselines.ft:apply_ft_l",  # also the recipe ft-l; listed here as a baseline
-}
+from ftedit.locate import resolve_location
+from ftedit.registry import AppliedEdit, ApplyContext, MethodSpec, get_method, method_names
 
 
-@dataclass
-class AppliedEdit:
-    """An edit applied in place to ``model``, with what it touched and how to undo it."""
-
-    method: str
-    model: nn.Module
-    config: dict[str, Any]  # the resolved recipe config or baseline hyperparameters
-    touched: list[dict[str, Any]]  # [{"name": module name, "layer": int, "role": "down" | ...}]
-    seconds: float
-    restore: Callable[[], nn.Module]  # puts the original weights back and returns the plain model
-    details: Any = None  # EditResult for recipes; method-specific for baselines
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def method_names() -> list[str]:
-    return list(dict.fromkeys(recipe_names() + sorted(BASELINES)))
+def apply_spec(spec: MethodSpec, config, model: nn.Module, tok, requests: Sequence[EditRequest],
+               context: ApplyContext) -> AppliedEdit:
+    """Resolve the edit's location (``params.layers=auto``), then apply ``spec`` with ``config`` in place."""
+    location = None
+    seconds = 0.0
+    if spec.capabilities.locate:
+        start = time.perf_counter()
+        config, location = resolve_location(model, tok, config, context.identity, context.progress,
+                                            context.model_fingerprint)
+        seconds = time.perf_counter() - start
+    applied = spec.apply(model, tok, list(requests), config, context)
+    applied.method = spec.name
+    if location is not None:
+        applied.location = location
+        if location["source"] != "config":
+            applied.phase_seconds = {"locate": seconds, **applied.phase_seconds}
+    return applied
 
 
 def apply_method(
@@ -58,20 +50,11 @@ def apply_method(
     progress: bool = True,
     model_fingerprint: str = "",
 ) -> AppliedEdit:
-    """Edit ``model`` in place with a recipe (see ``ftedit recipes``) or a baseline (``BASELINES``)."""
-    if name in BASELINES:
-        module, _, function = BASELINES[name].partition(":")
-        apply = getattr(importlib.import_module(module), function)
-        return apply(model, tok, requests, overrides=overrides, config_file=config_file, pool=pool,
-                     progress=progress, model_fingerprint=model_fingerprint)
-    if name not in recipe_names():
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    from ftedit.editor import edit
+    """Edit ``model`` in place with a registered method: a recipe (see ``ftedit recipes``) or a baseline."""
+    spec = get_method(name)
+    config = spec.resolve_config(config_file, overrides)
+    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint)
+    return apply_spec(spec, config, model, tok, requests, context)
 
-    cfg = resolve_config(name, config_file, overrides)
-    start = time.perf_counter()
-    result = edit(model, tok, requests, cfg, pool=pool, progress=progress, model_fingerprint=model_fingerprint)
-    return AppliedEdit(method=name, model=result.model, config=cfg.to_dict(), touched=result.targets,
-                       seconds=time.perf_counter() - start, restore=result.restore, details=result,
-                       info={"trainable_parameters": result.trainable_parameters,
-                             "examples_by_kind": result.examples_by_kind})
+
+__all__ = ["AppliedEdit", "apply_method", "apply_spec", "method_names"]

@@ -17,15 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from platformdirs import user_cache_dir
 
 from ftedit.atomic import atomic_directory
+from ftedit.cache import cache_dir, cache_path, file_digest, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +50,13 @@ class ModelIdentity:
     model_class: str
     num_parameters: int
     dtype: str
-    fingerprint: str = ""  # sha256 of the GGUF file, or of config.json for HF directories
+    # names the weights: sha256 of the GGUF file, of an HF directory's config and weight files, or of the
+    # weights in memory (ftedit.cache.model_fingerprint)
+    fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def cache_dir() -> Path:
-    """Root of ftedit's cache (dequantized GGUF models, augmentation, sweeps). ``FTEDIT_CACHE`` overrides."""
-    return Path(os.environ.get("FTEDIT_CACHE") or user_cache_dir("ftedit"))
 
 
 def default_device() -> torch.device:
@@ -83,14 +79,6 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)} or 'auto'")
     return table[name]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundled_gguf_path(name: str) -> Path:
@@ -126,8 +114,8 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantize a GGUF file once into a safetensors HF directory under the cache; return (dir, sha256)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = sha256_file(gguf_path)
-    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{digest[:16]}"
+    digest = file_digest(gguf_path)
+    target = cache_path("dequantized", suffix="", gguf_sha256=digest)
     if (target / "config.json").exists() and (target / "ftedit_source.json").exists():
         return target, digest
     logger.info("dequantizing %s once into %s (later loads read the cache)", gguf_path, target)
@@ -147,6 +135,12 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     return target, digest
 
 
+def _directory_digest(path: Path) -> str:
+    """sha256 over an HF directory's config and weight files (a config alone does not tell checkpoints apart)."""
+    files = [path / "config.json", *sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))]
+    return hashlib.sha256("".join(f"{f.name}:{file_digest(f)}" for f in files).encode()).hexdigest()
+
+
 def _resolve(spec: str) -> tuple[str, str, str]:
     """Map a model spec to (source, path-or-name to pass to from_pretrained, fingerprint)."""
     if spec in BUNDLED_MODELS:
@@ -161,7 +155,7 @@ def _resolve(spec: str) -> tuple[str, str, str]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model")
-        return "local", str(path), hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+        return "local", str(path), _directory_digest(path)
     if path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a GGUF file or an HF directory")
     return "hub", spec, ""
@@ -258,7 +252,6 @@ def load_model(
 def identity_of(model, spec: str = "in-memory") -> ModelIdentity:
     """Identity for a model object the caller built or loaded themselves."""
     cfg = getattr(model, "config", None)
-    fp = hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else ""
     return ModelIdentity(
         spec=spec,
         source="in-memory",
@@ -266,5 +259,5 @@ def identity_of(model, spec: str = "in-memory") -> ModelIdentity:
         model_class=type(model).__name__,
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        fingerprint=fp,
+        fingerprint=model_fingerprint(model),
     )

@@ -21,15 +21,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import nn
 
 from ftedit.augment import build_training_set
 from ftedit.config import EditConfig
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
-from ftedit.editor import Attached, _detach, _train, attach
-from ftedit.params import first_trainable_layer, select_targets
+from ftedit.editor import Attached, attach_config
 from ftedit.train import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -83,9 +81,7 @@ class StreamingEditor:
             raise ValueError("params.layers=auto picks layers from a batch of edits; a stream fixes them up front: "
                              "run `ftedit locate` on a sample and set params.layers (and params.modules)")
         self._rng = random.Random(self.stream.seed)
-        targets = select_targets(self.model, self.config.params.layers, self.config.params.modules)
-        self._attached = attach(self.model, targets, self.config.params)
-        self._attached.first_layer = first_trainable_layer(targets)
+        self._attached, _ = attach_config(self.model, self.config)
 
     @property
     def edited_model(self) -> nn.Module:
@@ -107,7 +103,7 @@ class StreamingEditor:
         new_examples = self._augment(requests, offset)
         replayed = sorted(self._rng.sample(range(offset), self.replay_count(len(requests))))
         examples = [e for i in replayed for e in self._examples[i]] + new_examples
-        run = _train(self._attached, self.tok, examples, self.config, self.progress)
+        run = self._attached.train(self.tok, examples, self.config, self.progress)
         self.requests += requests
         for e in new_examples:
             self._examples.setdefault(e.request_index, []).append(e)
@@ -120,21 +116,15 @@ class StreamingEditor:
 
     def _augment(self, requests: list[EditRequest], offset: int) -> list[TrainingExample]:
         """Training examples of a batch, drawn from the unedited model (as the editor does), indexed globally."""
-        current = {n: p.detach().clone() for n, p in self._attached.params.items()}
-        self._attached.reset()  # augmentation samples from the unedited weights
-        try:
+        with self._attached.unedited():  # augmentation samples from the unedited weights
             examples = build_training_set(self.model, self.tok, requests, self.config.augment, pool=self.pool,
                                           progress=self.progress, model_fingerprint=self.model_fingerprint)
-        finally:
-            with torch.no_grad():
-                for name, p in self._attached.params.items():
-                    p.copy_(current[name])
         return [replace(e, request_index=e.request_index + offset) if e.request_index >= 0 else e
                 for e in examples]
 
     def restore(self) -> nn.Module:
         """Undo every edit of the stream and return the original model."""
-        return _detach(self._attached)
+        return self._attached.detach()
 
 
 __all__ = ["StreamConfig", "StreamStep", "StreamingEditor"]

@@ -48,6 +48,7 @@ class AlphaEditHyperParams:
     batch_size: int = 0  # edits per sequential batch (0: all at once); later batches preserve earlier edits
     value: ValueConfig = field(default_factory=_alphaedit_value)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    seed: int = 0  # torch's seed before the model is loaded and edited (`ftedit edit --seed`)
 
 
 def null_space_projection(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -76,8 +77,9 @@ class AlphaEditState:
 def apply_alphaedit_to_model(model: nn.Module, tok, requests: Sequence[EditRequest],
                              hparams: AlphaEditHyperParams, *, fingerprint: str = "", progress: bool = True,
                              state: AlphaEditState | None = None) -> tuple[Snapshot, list[Target], dict]:
-    """Apply AlphaEdit in place, in sequential batches of ``hparams.batch_size``. Pass the returned
-    ``details["state"]`` back as ``state`` to continue editing the same model while preserving these edits."""
+    """Apply AlphaEdit in place, in sequential batches of ``hparams.batch_size``. Pass the returned log's
+    ``"state"`` (``AppliedEdit.log["state"]``) back as ``state`` to continue editing the same model while
+    preserving these edits."""
     targets = band_targets(model, hparams.layers)
     snapshot = Snapshot(model)
     for t in targets:
@@ -117,4 +119,4 @@ def apply_alphaedit_to_model(model: nn.Module, tok, requests: Sequence[EditReque
     return snapshot, targets, log
 
 
-apply_alphaedit = method_entry("alphaedit", AlphaEditHyperParams, apply_alphaedit_to_model)
+apply_alphaedit = method_entry("alphaedit", apply_alphaedit_to_model)

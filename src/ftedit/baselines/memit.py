@@ -62,6 +62,7 @@ class MEMITHyperParams:
     mom2_update_weight: float = 15000.0  # λ: weight of the preserved keys' statistics against the new keys
     value: ValueConfig = field(default_factory=_memit_value)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    seed: int = 0  # torch's seed before the model is loaded and edited (`ftedit edit --seed`)
 
 
 # solve(layer index in band, target, keys [d_in, n], residuals [d_out, n]) -> ΔW [d_out, d_in]
@@ -149,4 +150,4 @@ def apply_memit_to_model(model: nn.Module, tok, requests: Sequence[EditRequest],
     return snapshot, targets, {"prefixes": prefixes, "values": values, "layers": layers}
 
 
-apply_memit = method_entry("memit", MEMITHyperParams, apply_memit_to_model)
+apply_memit = method_entry("memit", apply_memit_to_model)

@@ -29,11 +29,10 @@ from ftedit.baselines.common import (
     mean_keys,
     method_entry,
     resolve_layers,
-    weight_out_in,
 )
 from ftedit.baselines.stats import StatsConfig, mom2
 from ftedit.data.requests import EditRequest
-from ftedit.params import find_blocks
+from ftedit.params import find_blocks, weight_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ class ROMEHyperParams:
     mom2_adjustment: bool = True  # use C⁻¹k* as the update's key direction (False: k* itself)
     value: ValueConfig = field(default_factory=_rome_value)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    seed: int = 0  # torch's seed before the model is loaded and edited (`ftedit edit --seed`)
 
 
 def rank_one_update(weight_out_in: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -95,4 +95,4 @@ def apply_rome_to_model(model: nn.Module, tok, requests: Sequence[EditRequest], 
     return snapshot, [target], {"prefixes": prefixes, "values": log, "deltas": deltas}
 
 
-apply_rome = method_entry("rome", ROMEHyperParams, apply_rome_to_model)
+apply_rome = method_entry("rome", apply_rome_to_model)

@@ -16,14 +16,14 @@ from ftedit.retention.freezing import (
     protect_edits,
     touched_modules,
 )
-from ftedit.retention.measure import Probe, classify_fallback, measure, select_intrinsic
+from ftedit.retention.measure import RetentionProbe, classify_fallback, measure, select_intrinsic
 from ftedit.retention.report import write_report
 from ftedit.retention.stopping import StoppingRule
 from ftedit.retention.study import StudyConfig, run_study
 from ftedit.retention.tasks import TaskConfig, build_task
 
 __all__ = [
-    "DownstreamConfig", "FreezeHandle", "MentionFilter", "Probe", "ProtectEditsCallback", "StoppingRule",
+    "DownstreamConfig", "FreezeHandle", "MentionFilter", "RetentionProbe", "ProtectEditsCallback", "StoppingRule",
     "StudyConfig", "TaskConfig", "apply_strategy", "build_task", "classify_fallback", "edit_terms", "finetune",
     "freeze_all_but_window", "freeze_below", "measure", "protect_edits", "run_study", "select_intrinsic",
     "touched_modules", "write_report",

@@ -107,3 +107,8 @@ def finetune(model: nn.Module, task: DownstreamTask, rule: StoppingRule, cfg: Do
     log.epochs = step * cfg.batch_size / max(len(task.train_items), 1)
     log.seconds = time.perf_counter() - start
     return log
+
+
+def downstream_config(**kwargs) -> DownstreamConfig:
+    """A DownstreamConfig from keyword options; ``None`` values keep the defaults."""
+    return DownstreamConfig(**{k: v for k, v in kwargs.items() if v is not None})

@@ -37,7 +37,7 @@ FALLBACKS = ("original", "related", "other")
 
 
 @dataclass(frozen=True)
-class Probe:
+class RetentionProbe:
     kind: str  # "edited" or "intrinsic"
     prompt: str
     target: str  # the object the model should say (new object for edits)
@@ -50,8 +50,8 @@ def relation_key(prompt: str, subject: str, relation_id: str | None = None) -> s
     return relation_id or prompt.replace(subject, "{}")
 
 
-def edited_probes(requests: Sequence[EditRequest]) -> list[Probe]:
-    return [Probe("edited", r.prompt, r.target_new, r.subject, relation_key(r.prompt, r.subject, r.relation_id),
+def edited_probes(requests: Sequence[EditRequest]) -> list[RetentionProbe]:
+    return [RetentionProbe("edited", r.prompt, r.target_new, r.subject, relation_key(r.prompt, r.subject, r.relation_id),
                   r.target_true) for r in requests]
 
 
@@ -69,7 +69,7 @@ def disjoint_facts(pool: Sequence[PoolFact], requests: Sequence[EditRequest]) ->
 
 
 def select_intrinsic(model, tok, pool: Sequence[PoolFact], requests: Sequence[EditRequest], n: int,
-                     margin: float = 0.1, seed: int = 0, chunk: int = 256) -> tuple[list[Probe], dict[str, int]]:
+                     margin: float = 0.1, seed: int = 0, chunk: int = 256) -> tuple[list[RetentionProbe], dict[str, int]]:
     """Up to ``n`` intrinsic probes: disjoint from the edits and known confidently by ``model`` (the base)."""
     candidates = disjoint_facts(pool, requests)
     random.Random(seed).shuffle(candidates)
@@ -86,13 +86,13 @@ def select_intrinsic(model, tok, pool: Sequence[PoolFact], requests: Sequence[Ed
                 chosen.append(fact)
         if len(chosen) >= n:
             break
-    probes = [Probe("intrinsic", f.prompt, f.target, f.subject, relation_key(f.prompt, f.subject, f.relation_id))
+    probes = [RetentionProbe("intrinsic", f.prompt, f.target, f.subject, relation_key(f.prompt, f.subject, f.relation_id))
               for f in chosen[:n]]
     return probes, {"pool": len(pool), "disjoint": len(candidates), "checked": checked, "selected": len(probes)}
 
 
 @dataclass
-class Snapshot:
+class RetentionSnapshot:
     """All probes measured once."""
 
     label: str  # "base", "post-edit", "step N"
@@ -102,7 +102,7 @@ class Snapshot:
     first_token_id: list[int | None]
     top3: list[list[tuple[str, float]]]
 
-    def rate(self, probes: Sequence[Probe], kind: str) -> float | None:
+    def rate(self, probes: Sequence[RetentionProbe], kind: str) -> float | None:
         """Retention rate (%) over the probes of ``kind``."""
         flags = [k for k, p in zip(self.known, probes) if p.kind == kind]
         return 100.0 * sum(flags) / len(flags) if flags else None
@@ -111,7 +111,7 @@ class Snapshot:
         return asdict(self)
 
 
-def measure(model, tok, probes: Sequence[Probe], label: str, step: int, max_new_tokens: int = 10) -> Snapshot:
+def measure(model, tok, probes: Sequence[RetentionProbe], label: str, step: int, max_new_tokens: int = 10) -> RetentionSnapshot:
     was_training = model.training
     model.eval()
     try:
@@ -123,11 +123,11 @@ def measure(model, tok, probes: Sequence[Probe], label: str, step: int, max_new_
     stops = default_stop_words()
     firsts = [first_content_token(tok, g, stops) for g in generated]
     known = [f is not None and f == encode_target(tok, p.target)[0] for f, p in zip(firsts, probes)]
-    return Snapshot(label, step, known, [tok.decode([f]).strip() if f is not None else None for f in firsts],
+    return RetentionSnapshot(label, step, known, [tok.decode([f]).strip() if f is not None else None for f in firsts],
                     firsts, [[(t.token.strip(), round(t.prob, 4)) for t in top] for top in tops])
 
 
-def related_objects(probes: Sequence[Probe], pool: Sequence[PoolFact]) -> dict[str, set[tuple[str, str]]]:
+def related_objects(probes: Sequence[RetentionProbe], pool: Sequence[PoolFact]) -> dict[str, set[tuple[str, str]]]:
     """relation key -> {(subject, object)} over the edit set (true and new objects) and the pool."""
     by_relation: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for p in probes:
@@ -139,7 +139,7 @@ def related_objects(probes: Sequence[Probe], pool: Sequence[PoolFact]) -> dict[s
     return by_relation
 
 
-def classify_fallback(tok, probe: Probe, predicted_id: int | None, related: set[tuple[str, str]]) -> str:
+def classify_fallback(tok, probe: RetentionProbe, predicted_id: int | None, related: set[tuple[str, str]]) -> str:
     """``original``, ``related`` or ``other`` (see the module docstring); compared by first token."""
     if predicted_id is None:
         return "other"
@@ -151,7 +151,7 @@ def classify_fallback(tok, probe: Probe, predicted_id: int | None, related: set[
     return "related" if predicted_id in related_ids else "other"
 
 
-def lost_edits(probes: Sequence[Probe], post_edit: Snapshot, final: Snapshot, tok,
+def lost_edits(probes: Sequence[RetentionProbe], post_edit: RetentionSnapshot, final: RetentionSnapshot, tok,
                related: dict[str, set[tuple[str, str]]]) -> list[dict[str, Any]]:
     """Each edit known right after editing but not at the end, with what the model says instead."""
     out = []

@@ -26,8 +26,8 @@ from ftedit.retention.finetune import DownstreamConfig, finetune
 from ftedit.retention.freezing import apply_strategy, touched_modules
 from ftedit.retention.measure import (
     FALLBACKS,
-    Probe,
-    Snapshot,
+    RetentionProbe,
+    RetentionSnapshot,
     edited_probes,
     lost_edits,
     measure,
@@ -74,9 +74,9 @@ class Prepared:
     """Everything measured on the base model before editing."""
 
     requests: list[EditRequest]
-    probes: list[Probe]
+    probes: list[RetentionProbe]
     tasks: list[DownstreamTask]
-    base: Snapshot
+    base: RetentionSnapshot
     related: dict
     info: dict[str, Any]
 
@@ -112,12 +112,12 @@ def prepare(cfg: StudyConfig, base_model: nn.Module, tok, requests: Sequence[Edi
     return Prepared(list(requests), probes, tasks, base, related_objects(probes, pool), info)
 
 
-def _curve(snaps: Sequence[Snapshot], probes: Sequence[Probe]) -> list[dict[str, Any]]:
+def _curve(snaps: Sequence[RetentionSnapshot], probes: Sequence[RetentionProbe]) -> list[dict[str, Any]]:
     return [{"step": s.step, "label": s.label, "edited": s.rate(probes, "edited"),
              "intrinsic": s.rate(probes, "intrinsic")} for s in snaps]
 
 
-def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, post: Snapshot,
+def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, post: RetentionSnapshot,
              edited_state, cfg: StudyConfig, related) -> dict[str, Any]:
     _reset(model, edited_state)
     handle = apply_strategy(model, strategy, touched)
@@ -141,9 +141,7 @@ def _one_run(model, tok, task: DownstreamTask, strategy: str, touched, probes, p
 
 def _edit(cfg: StudyConfig, model, tok, requests, pool, progress: bool):
     applied = apply_method(cfg.method, model, tok, requests, overrides=cfg.overrides, pool=pool, progress=progress)
-    details = applied.details
-    edited = details.merged_model() if hasattr(details, "merged_model") else applied.model
-    return edited, applied
+    return applied.merged_model(), applied
 
 
 def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bool,
@@ -153,7 +151,7 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, touched, progress: bo
     if touched is None:
         pool = load_pool_facts(cfg.method_pool) if cfg.method_pool else None
         model, applied = _edit(cfg, model, tok, prep.requests, pool, progress)
-        touched = applied.touched
+        touched = applied.touched_dicts()
         edit_info.update(seconds=applied.seconds, config=applied.config)
     edit_info["touched"] = touched_modules(touched)
     post = measure(model, tok, prep.probes, "post-edit", 0)
@@ -211,10 +209,10 @@ def run_single(cfg: StudyConfig, model, tok, prep: Prepared, progress: bool,
         state = _state(edited)
         for task in prep.tasks:
             for s in cfg.strategies:
-                run = _one_run(edited, tok, task, s, applied.touched, probes, post, state, cfg, prep.related)
+                run = _one_run(edited, tok, task, s, applied.touched_dicts(), probes, post, state, cfg, prep.related)
                 per_pair.setdefault((task.config.kind, s), []).append(run)
         logger.info("single-edit protocol: edit %d/%d done", i + 1, len(prep.requests))
-        outcome = {"edit": {"method": cfg.method, "seconds": seconds, "touched": applied.touched,
+        outcome = {"edit": {"method": cfg.method, "seconds": seconds, "touched": applied.touched_dicts(),
                             "edits_done": i + 1}, "post_edit": posts,
                    "runs": [_aggregate(v, cfg.downstream.probe_every) for v in per_pair.values()]}
         if on_run is not None:

@@ -309,3 +309,34 @@ def _build_facts(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model
     train, val = _split(unknown[:cfg.n_train], cfg, val_in_train=True)
     return FactsTask(cfg, tok, train, val, removed,
                      info={"checked_for_unknown": checked, "validation": "a fixed sample of the training facts"})
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or key not in TASK_KINDS:
+            raise ValueError(f"{option} {v!r}: expected KIND=VALUE with KIND in {TASK_KINDS}")
+        out[key] = value
+    return out
+
+
+def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any]) -> list[TaskConfig]:
+    """``--task lm=FILE --threshold lm=3.0`` -> TaskConfigs (shared n_train, n_val, max_length, seed)."""
+    sources = _pairs(tasks, "--task")
+    if len(sources) != len(tasks):
+        raise ValueError("--task: each task kind may be given once")
+    limits = _pairs(thresholds, "--threshold")
+    unknown = set(limits) - set(sources)
+    if unknown:
+        raise ValueError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
+    configs = []
+    for kind, source in sources.items():
+        text = limits.get(kind)
+        relative = bool(text and text.startswith("rel:"))
+        try:
+            value = float(text[4:] if relative else text) if text else None
+        except ValueError as e:
+            raise ValueError(f"--threshold {kind}={text}: expected a number or rel:FACTOR") from e
+        configs.append(TaskConfig(kind, source, threshold=value, relative=relative, **common))
+    return configs

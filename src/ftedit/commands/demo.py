@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from ftedit.calibration import resource
-from ftedit.config import DEFAULT_RECIPE, resolve_config
+from ftedit.commands.console import console as default_console
+from ftedit.config import DEFAULT_RECIPE
 from ftedit.data.loaders import load_pool_facts, load_requests
 from ftedit.data.requests import EditRequest
-from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests, next_token_topk, score_pairs
 from ftedit.evaluate.answers import generate_answers, starts_with_target
-from ftedit.locate import resolve_location
+from ftedit.methods import apply_spec
 from ftedit.models import load_model
+from ftedit.registry import ApplyContext, get_method
 
 DEMO_RECIPE = DEFAULT_RECIPE
 GENERATED_TOKENS = 8
@@ -84,7 +87,7 @@ def show_before_after(console: Console, requests, before, after) -> None:
 
 
 def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or default_console
     start = time.perf_counter()
     with console.status(f"loading {model_spec} (the first run dequantizes the GGUF once, about a minute)"):
         model, tok, identity = load_model(model_spec)
@@ -95,17 +98,19 @@ def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Conso
 
     before = snapshot(model, tok, requests)
     pre = evaluate_requests(model, tok, requests, progress=False).summary
-    config = resolve_config(recipe)
-    pool = load_pool_facts(config.augment.pool) if config.augment.pool else None
-    config, location = resolve_location(model, tok, config, identity)
-    if location:
+    spec = get_method(recipe)
+    config = spec.resolve_config()
+    pool = load_pool_facts(config.augment.pool) if spec.recipe and config.augment.pool else None
+    console.print(f"[bold]editing[/bold] {len(requests)} COUNTERFACT facts with [bold]{recipe}[/bold]: "
+                  f"{' '.join(config.description.split()) if spec.recipe else 'a closed-form baseline'}")
+    result = apply_spec(spec, config, model, tok, requests, ApplyContext(
+        pool=pool, progress=True, model_fingerprint=identity.fingerprint, identity=identity))
+    location = result.location or {}
+    if "why" in location:
         console.print(f"[bold]location[/bold] layer {location['layer']} {location['module']}: {location['why']}")
-    console.print(f"[bold]editing[/bold] {len(requests)} COUNTERFACT facts with recipe [bold]{recipe}[/bold]: "
-                  f"{' '.join(config.description.split())}")
-    result = edit(model, tok, requests, config, pool=pool, model_fingerprint=identity.fingerprint)
-    console.print(f"trained {result.trainable_parameters:,} parameters in "
-                  f"{', '.join(t['name'] for t in result.targets)} on {result.examples_by_kind} examples "
-                  f"in {result.seconds['train']:.0f}s")
+    console.print(f"changed {result.trainable_parameters:,} parameters in "
+                  f"{', '.join(t.name for t in result.touched)} on {result.examples_by_kind} examples "
+                  f"in {result.phase_seconds.get('train', result.seconds):.0f}s")
     after = snapshot(result.model, tok, requests)
     post = evaluate_requests(result.model, tok, requests, progress=False).summary
     show_before_after(console, requests, before, after)
@@ -115,3 +120,12 @@ def run_demo(model_spec: str = "demo", recipe: str = DEMO_RECIPE, console: Conso
                   + " / ".join(f"{post[k]:.0f}" for k in keys))
     console.print(f"total {time.perf_counter() - start:.0f}s")
     return {"pre": pre, "post": post, "before": before, "after": after, "location": location}
+
+
+def demo_command(
+    model: Annotated[str, typer.Option(help="Model to edit (default: the bundled gemma-3-270m).")] = "demo",
+    recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = DEFAULT_RECIPE,
+) -> None:
+    """Edit a few real COUNTERFACT facts in gemma-3-270m on the default path and show what it says before and
+    after."""
+    run_demo(model, recipe)

@@ -1,0 +1,78 @@
+"""``ftedit retention``: how much edited vs intrinsic knowledge survives downstream fine-tuning (paper 002)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ftedit.commands.console import console
+
+
+def retention_command(
+    out: Annotated[Path, typer.Option(help="Output folder: report.md, result.json, retention_<task>.png.")],
+    task: Annotated[list[str], typer.Option(help="Downstream task KIND=SOURCE (lm, facts, classification, sft); "
+                                                 "SOURCE: .jsonl/.json/.csv/.txt file or hf:NAME. Repeatable.")],
+    intrinsic_pool: Annotated[str, typer.Option(help="Facts for the intrinsic set (e.g. COUNTERFACT train).")],
+    edits: Annotated[str | None, typer.Option(help="Edit requests (COUNTERFACT/ZsRE JSON, JSONL/CSV).")] = None,
+    from_edit: Annotated[str | None, typer.Option(help="Start from an `ftedit edit` output folder instead.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: demo, or the manifest's).")] = None,
+    method: Annotated[str, typer.Option(help="Edit method: a recipe or a registered baseline.")] = "locft-bf",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one method field.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Fact pool for recipes with random/similar augmentation.")] = None,
+    n: Annotated[int | None, typer.Option(help="Number of edits.")] = 50,
+    offset: Annotated[int, typer.Option(help="First edit record.")] = 0,
+    strategy: Annotated[list[str] | None, typer.Option(
+        help="Freezing strategy: none | below:K | window:LAYERS | edits. Repeatable.")] = None,
+    protocol: Annotated[str, typer.Option(help="mass (all edits, one run) or single (each edit alone).")] = "mass",
+    threshold: Annotated[list[str] | None, typer.Option(help="Stopping threshold KIND=VALUE (loss: below, "
+        "accuracy: above) or KIND=rel:F (F x the base model's validation metric).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Step cap of every downstream run.")] = 30,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 5,
+    probe_every: Annotated[int, typer.Option(help="Measure retention every N steps.")] = 10,
+    lr: Annotated[float, typer.Option(help="Downstream learning rate (AdamW).")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="Downstream batch size.")] = 8,
+    n_train: Annotated[int, typer.Option(help="Training records per task (after filtering).")] = 2000,
+    n_val: Annotated[int, typer.Option(help="Validation records per task.")] = 64,
+    max_length: Annotated[int, typer.Option(help="Tokens per downstream sequence.")] = 64,
+    n_intrinsic: Annotated[int, typer.Option(help="Intrinsic facts to track.")] = 50,
+    filter_intrinsic: Annotated[bool, typer.Option(help="Also filter texts naming intrinsic facts.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing study in --out.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Edit, fine-tune downstream under freezing strategies, and report how much edited vs intrinsic knowledge
+    survives (paper 002)."""
+    from ftedit.retention.finetune import downstream_config
+    from ftedit.retention.run import run_retention
+    from ftedit.retention.study import StudyConfig
+    from ftedit.retention.tasks import parse_tasks
+
+    tasks = parse_tasks(task, threshold or [], {"n_train": n_train, "n_val": n_val, "max_length": max_length})
+    cfg = StudyConfig(tasks=tasks, intrinsic_pool=intrinsic_pool, edits=edits, n_edits=n, offset=offset,
+                      method=method, overrides=set_ or [], method_pool=pool, from_edit=from_edit,
+                      strategies=strategy or ["none", "edits"], protocol=protocol, n_intrinsic=n_intrinsic,
+                      filter_intrinsic=filter_intrinsic,
+                      downstream=downstream_config(lr=lr, batch_size=batch_size, max_steps=max_steps,
+                                                   eval_every=eval_every, probe_every=probe_every))
+    result = run_retention(cfg, model=model, out=out, overwrite=overwrite, device=device, dtype=dtype,
+                           progress=progress)
+    print_summary(result)
+    console.print(f"wrote {out}/report.md, result.json and the plots")
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    table = Table(title=f"retention (%) — {result['protocol']} protocol, {result['n_edits']} edits, "
+                        f"{result['n_intrinsic']} intrinsic facts")
+    for col in ("task", "strategy", "stopped by", "steps", "edited post-edit", "edited end", "intrinsic post-edit",
+                "intrinsic end"):
+        table.add_column(col)
+    for run in result["runs"]:
+        first, last = run["curve"][0], run["curve"][-1]
+        table.add_row(run["task"], run["strategy"], str(run["log"]["stopped_by"]), str(run["log"]["steps"]),
+                      *(f"{v:.1f}" if v is not None else "n/a" for v in
+                        (first["edited"], last["edited"], first["intrinsic"], last["intrinsic"])))
+    console.print(table)
