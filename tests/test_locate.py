@@ -206,7 +206,7 @@ def test_shipped_locations_match_the_bundled_models_and_settings():
     shipped = locate.shipped_locations()
     shipped_set = calibration_sha256(str(resource(CALIBRATION_FILE)))  # not the tests' small calibration set
     key = locate.settings_key(locate.search_settings(resolve_config("locft-bf")), shipped_set)
-    assert {e["model"] for e in shipped.values()} >= {"demo", "smollm2"}
+    assert "demo" in {e["model"] for e in shipped.values()}  # `ftedit demo` needs no search
     for name, entry in shipped.items():
         assert name == f"{entry['gguf_sha256']}:{key}", f"shipped {entry['model']} is stale: rerun its search"
         assert entry["search"]["best"]["module"] in ("down", "up")
