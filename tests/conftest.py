@@ -78,3 +78,11 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     """Unit tests never write to the user's cache; real-model tests reuse it (dequantizing takes a minute)."""
     if request.node.get_closest_marker("real_model") is None:
         monkeypatch.setenv("FTEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _small_calibration(request, monkeypatch):
+    """Unit tests search locations on 5 fixture records instead of the shipped 120 (tiny models, fast)."""
+    small = tiny.FIXTURES / "counterfact_rome_format_first5.json"
+    if request.node.get_closest_marker("real_model") is None and small.exists():
+        monkeypatch.setattr("ftedit.calibration.calibration_path", lambda: small)

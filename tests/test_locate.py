@@ -79,9 +79,6 @@ def test_results_are_cached_per_model_and_settings(llama_model, llama_tok, monke
     assert again.cached and again.best == first.best and len(calls) == 2
     run(REQUESTS[:2])  # other edits: a new search
     assert len(calls) == 4
-    run(REQUESTS, per_model_cache=True)  # params.layers=auto keys the cache by model and settings only
-    assert len(calls) == 6
-    assert run(REQUESTS[:2], per_model_cache=True).cached and len(calls) == 6
     assert not sweep(llama_model, llama_tok, REQUESTS, cfg, progress=False, model_fingerprint="m2").cached
 
 
@@ -91,7 +88,7 @@ def test_layers_auto_edits_at_the_chosen_location_and_records_it(llama_model, ll
     context = ApplyContext(progress=False, model_fingerprint="m2")
     result = apply_spec(get_method("locft-bf"), cfg, llama_model, llama_tok, REQUESTS, context)
     loc = result.location
-    assert loc["source"] == "auto" and loc["n_candidates"] == 4
+    assert loc["source"] == "search" and loc["n_candidates"] == 4
     assert {t.layer for t in result.touched} == {loc["layer"]} and "locate" in result.phase_seconds
     expected_roles = {"attn": {"q", "k", "v", "o"}, "down": {"down"}}[loc["module"]]
     assert {t.role for t in result.touched} == expected_roles
@@ -121,7 +118,7 @@ def test_edit_refuses_an_unresolved_auto_location(llama_model, llama_tok):
 def test_locft_bf_chooses_its_location_among_down_and_up_projections(llama_model, llama_tok):
     result = apply_method("locft-bf", llama_model, llama_tok, REQUESTS, overrides=["train.epochs=3"],
                           progress=False)
-    assert result.location["source"] == "auto" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
+    assert result.location["source"] == "search" and result.location["n_candidates"] == 2 * 2  # layers 2, 0
     assert result.location["module"] in ("down", "up") and result.location["layer"] in (0, 2)
 
 
@@ -152,20 +149,67 @@ def test_cli_locate_both_strategies(tmp_path, llama_model, llama_tok, data_dir):
     assert bad.exit_code == 2 and "--strategy" in bad.output
 
 
-def test_auto_without_probe_prompts_uses_a_cached_search_or_the_fallback(llama_model, llama_tok, caplog):
-    bare = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in REQUESTS]
+def test_auto_searches_on_the_calibration_set_never_on_the_edits(llama_model, llama_tok, monkeypatch, tmp_path):
+    from ftedit.calibration import calibration_path
+    from ftedit.data.loaders import load_requests
+
+    # no probes, no subject, no true answer; prompts that the calibration set does not hold
+    bare = [EditRequest("Paris is the capital of", "", "Italy"), EditRequest("The quick brown fox jumps over the",
+                                                                              "", "lazy cat")]
+    seen = []
+    real_trial = locate.run_trial
+    monkeypatch.setattr(locate, "run_trial", lambda m, t, reqs, *a: seen.extend(reqs) or real_trial(m, t, reqs, *a))
     cfg = _config(strategy="exhaustive")
     cfg.params.layers = "auto"
     spec, context = get_method("locft-bf"), ApplyContext(progress=False, model_fingerprint="m3")
     first = apply_spec(spec, cfg, llama_model, llama_tok, bare, context)
-    assert first.location["source"] == "fallback" and "no paraphrase" in caplog.text
-    assert {t.layer for t in first.touched} == {0} and {t.role for t in first.touched} == {"down"}
     first.restore()
-    searched = apply_spec(spec, cfg, llama_model, llama_tok, REQUESTS, context)
-    searched.restore()
-    again = apply_spec(spec, cfg, llama_model, llama_tok, bare, context)
-    assert again.location["source"] == "auto" and again.location["cached"]
-    assert again.location["layer"] == searched.location["layer"]
+    calibration = load_requests(calibration_path()).requests
+    assert seen and set(seen) <= set(calibration)
+    edit_prompts = {r.prompt for r in bare}
+    assert not edit_prompts & {p for r in seen for p in (r.prompt, *r.paraphrase_prompts)}
+    loc = first.location
+    assert loc["source"] == "search" and loc["calibration"]["file"] == calibration_path().name
+    assert {t.layer for t in first.touched} == {loc["layer"]} and loc["trials"]
+    n_trials = len(seen)
+    again = apply_spec(spec, cfg, llama_model, llama_tok, REQUESTS, context)  # other edits
+    assert again.location["source"] == "cached" and len(seen) == n_trials
+    assert (again.location["layer"], again.location["module"]) == (loc["layer"], loc["module"])
+
+
+def test_shipped_results_are_found_by_gguf_file_and_settings(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from ftedit.calibration import calibration_sha256
+
+    cfg = resolve_config("locft-bf")
+    key = locate.settings_key(locate.search_settings(cfg), calibration_sha256())
+    model_dir = tmp_path / "dequantized"
+    model_dir.mkdir()
+    (model_dir / "ftedit_source.json").write_text(json.dumps({"sha256": "abc"}))
+    identity = SimpleNamespace(source="bundled", name_or_path=str(model_dir))
+    entry = {"model": "demo", "search": {"best": {"layer": 1, "module": "down"}}}
+    monkeypatch.setattr(locate, "shipped_locations", lambda: {f"abc:{key}": entry})
+    assert locate.shipped_result(identity, key) == entry
+    assert locate.shipped_result(identity, "other-settings") is None
+    assert locate.shipped_result(SimpleNamespace(source="local", name_or_path=str(model_dir)), key) is None
+    # augmentation and the recipe's name do not change the search; its training does
+    assert locate.search_settings(resolve_config("locft-bf", overrides=["augment.n_random=5"])) == \
+        locate.search_settings(cfg)
+    assert locate.search_settings(resolve_config("locft-bf", overrides=["train.lr=1e-3"])) != \
+        locate.search_settings(cfg)
+
+
+def test_shipped_locations_match_the_bundled_models_and_settings():
+    from ftedit.calibration import CALIBRATION_FILE, calibration_sha256, resource
+
+    shipped = locate.shipped_locations()
+    shipped_set = calibration_sha256(str(resource(CALIBRATION_FILE)))  # not the tests' small calibration set
+    key = locate.settings_key(locate.search_settings(resolve_config("locft-bf")), shipped_set)
+    assert "demo" in {e["model"] for e in shipped.values()}  # `ftedit demo` needs no search
+    for name, entry in shipped.items():
+        assert name == f"{entry['gguf_sha256']}:{key}", f"shipped {entry['model']} is stale: rerun its search"
+        assert entry["search"]["best"]["module"] in ("down", "up")
 
 
 def _record(rewrite, paraphrase, neighborhood):
@@ -200,3 +244,16 @@ def test_soft_rank_separates_trials_the_0_1_rates_tie():
     b = locate.Trial(Candidate(2, "down"), 3, {**discrete, **moved}, 1.0)
     assert max([a, b], key=locate.rank_key) is b
     assert max([a, b], key=lambda t: locate.rank_key(t, "discrete")) is a  # ties go to the earlier layer
+
+
+def test_cli_locate_calibration_runs_the_search_of_layers_auto(tmp_path, llama_dir):
+    out = tmp_path / "cal"
+    args = ["locate", "--calibration", "--model", str(llama_dir), "--set", "train.epochs=2", "--set",
+            "locate.layers=-2:", "--set", "locate.modules=down", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["strategy"] == "halving" and data["n_edits"] == 5  # the (tests') calibration set, all 5 records
+    assert "recommended: --set params.layers=" in result.output
+    both = CliRunner().invoke(app, args + ["--data", "x.json"])
+    assert both.exit_code != 0 and "either --data" in both.output

@@ -293,7 +293,7 @@ def leak_filter(pool: Iterable[PoolFact], requests: Sequence[EditRequest]) -> li
     paraphrase, neighborhood or generation prompt (case- and whitespace-insensitive), or whose prompt mentions
     any edit's subject as whole words. Otherwise training on R would teach or pin down evaluation facts.
     """
-    subjects = {_norm(r.subject) for r in requests}
+    subjects = {_norm(r.subject) for r in requests if r.subject.strip()}  # subject-less rows: prompts only
     index = _SubjectIndex(r.subject for r in requests)
     eval_prompts = _evaluation_prompts(requests)
     kept = [

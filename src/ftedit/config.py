@@ -22,6 +22,7 @@ from ftedit.errors import InputError
 from ftedit.train import ObjectiveConfig, TrainConfig
 
 MODES = ("mass", "single", "sequential")
+DEFAULT_RECIPE = "locft-bf-rand"  # what `ftedit edit` and `ftedit demo` use without --recipe (README: default recipe)
 LOCATE_RANKS = ("soft", "discrete")  # how locate ranks trials: sigmoid NLL margins, or the 0/1 rates
 
 
@@ -42,7 +43,8 @@ class LocateConfig:
     """Where-to-edit search: trial edits at each (layer, module group), ranked by edit score.
 
     Used by ``ftedit locate`` and by ``params.layers=auto``. Trials use the edit's own recipe without
-    augmentation, on a sample of its edits; the model is restored after each trial.
+    augmentation; ``auto`` runs them on a sample of the shipped calibration set (COUNTERFACT train split), never
+    on the edits. The model is restored after each trial.
     """
 
     layers: str = "all"  # candidate layers (params.layers syntax)
@@ -55,10 +57,6 @@ class LocateConfig:
     rungs: int = 3  # halving rungs; budgets grow by eta per rung up to the recipe's epochs
     seed: int = 0  # which edits are sampled
     cache: bool = True  # reuse a finished search for the same model and settings (cache_dir()/locate)
-    # params.layers=auto with edits that carry no paraphrase and neighborhood prompts to score trials on, and
-    # no cached search for this model: train here instead (paper 001's rule), with a warning
-    fallback_layers: str = "-3"
-    fallback_modules: str = "down"
 
 
 @dataclass

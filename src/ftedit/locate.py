@@ -15,6 +15,7 @@ rank, and a small sample ranks with less noise than the 0/1 rates give.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -191,19 +192,16 @@ def rank_key(trial: Trial, rank: str = "soft") -> tuple[float, ...]:
 
 
 def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConfig,
-          locate: LocateConfig | None = None, progress: bool = True, model_fingerprint: str = "",
-          per_model_cache: bool = False) -> SweepResult:
-    """Run the search of ``locate`` (default ``base.locate``) and return every trial and the best location.
-
-    Results are cached under ``ftedit.cache.cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
-    is on, keyed by fingerprint, settings and the sampled edits; ``per_model_cache`` leaves the edits out of
-    the key, so any later edit of the same model with the same settings reuses the search.
+          locate: LocateConfig | None = None, progress: bool = True, model_fingerprint: str = "") -> SweepResult:
+    """Run the search of ``locate`` (default ``base.locate``) on ``requests`` and return every trial and the best
+    location. Results are cached under ``ftedit.cache.cache_dir()/locate`` when the model fingerprint is given and
+    ``locate.cache`` is on, keyed by fingerprint, search settings and the sampled records.
     """
     locate = locate or base.locate
     sample = sample_edits(requests, locate)
     candidates = candidates_for(model, locate)
-    settings = _settings(base, locate, candidates)
-    path = _cache_path(model_fingerprint, settings, [] if per_model_cache else sample)
+    settings = search_settings(base, locate)
+    path = _cache_path(model_fingerprint, settings, sample)
     if model_fingerprint and locate.cache and path.is_file():
         logger.info("location search: cached result %s", path)
         return SweepResult.from_dict(json.loads(path.read_text()))
@@ -232,16 +230,20 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
     return result
 
 
-def _settings(base: EditConfig, locate: LocateConfig, candidates: list[Candidate]) -> dict[str, Any]:
-    return {"locate": asdict(locate), "trial_recipe": base.recipe,
-            "trial_config": trial_config(base, candidates[0], full_budget(base)).to_dict()}
+def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dict[str, Any]:
+    """What decides a search's outcome: the search grid and the trials' training, not the recipe's name, its
+    augmentation (trials run without) or where it would train by hand. Recipes that train alike share a search."""
+    search = asdict(locate or base.locate)
+    search.pop("cache")
+    trial = trial_config(base, Candidate(0, ""), full_budget(base)).to_dict()
+    params = {k: v for k, v in trial["params"].items() if k not in ("layers", "modules")}
+    objective = {k: v for k, v in trial["objective"].items() if k != "chat_template"}  # calibration: plain text
+    return {"locate": search, "objective": objective, "train": trial["train"], "params": params}
 
 
-def cached_search(model: nn.Module, base: EditConfig, model_fingerprint: str) -> bool:
-    """Whether ``params.layers=auto`` would find a finished search of this model and settings."""
-    if not (model_fingerprint and base.locate.cache):
-        return False
-    return _cache_path(model_fingerprint, _settings(base, base.locate, candidates_for(model, base.locate)), []).is_file()
+def settings_key(settings: dict[str, Any], calibration_sha256: str) -> str:
+    payload = json.dumps({"settings": settings, "calibration": calibration_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _n_trials(n: int, budgets: list[int], eta: int) -> int:
@@ -256,49 +258,86 @@ def _cache_path(fingerprint: str, settings: dict[str, Any], sample: list[EditReq
     return cache_path("locate", model=fingerprint, settings=settings, edits=[request_hash(r) for r in sample])
 
 
-def scorable(requests: Sequence[EditRequest]) -> bool:
-    """Whether trials on these edits can measure generalization and locality (COUNTERFACT-style probes)."""
-    return bool(requests) and all(r.paraphrase_prompts and r.neighborhood for r in requests)
+# -- params.layers=auto: the calibration search -------------------------------------------------------------
+
+LOCATIONS_FILE = "locations.json"  # shipped search results of the bundled models
 
 
-def resolve_location(model: nn.Module, tok, config: EditConfig, requests: Sequence[EditRequest],
-                     progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
-    """The config to edit with, and the manifest's location record: ``params.layers=auto`` searched (or taken
-    from the cache, or the fallback), any other ``params.layers`` as configured."""
-    if config.params.layers != "auto":
-        return config, {"source": "config"}
-    return choose_location(model, tok, requests, config, progress, model_fingerprint)
+def gguf_sha256(identity: Any) -> str:
+    """The sha256 of the GGUF file a bundled or GGUF model was dequantized from ('' for other models)."""
+    if identity is None or getattr(identity, "source", "") not in ("bundled", "gguf"):
+        return ""
+    marker = Path(identity.name_or_path) / "ftedit_source.json"
+    return json.loads(marker.read_text()).get("sha256", "") if marker.is_file() else ""
 
 
-def choose_location(model: nn.Module, tok, requests: Sequence[EditRequest], config: EditConfig,
-                    progress: bool = True, model_fingerprint: str = "") -> tuple[EditConfig, dict[str, Any]]:
+def shipped_locations() -> dict[str, Any]:
+    from ftedit.calibration import resource
+
+    path = resource(LOCATIONS_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shipped_result(identity: Any, key: str) -> dict[str, Any] | None:
+    """The shipped search of this bundled model's GGUF file under these settings, if the package has one."""
+    digest = gguf_sha256(identity)
+    entry = shipped_locations().get(f"{digest}:{key}") if digest else None
+    return entry
+
+
+def shipped_entry(model_name: str, digest: str, key: str, result: SweepResult) -> tuple[str, dict[str, Any]]:
+    from ftedit.calibration import CALIBRATION_FILE
+
+    return f"{digest}:{key}", {"model": model_name, "gguf_sha256": digest, "settings_key": key,
+                               "calibration": CALIBRATION_FILE, "search": result.to_dict()}
+
+
+def calibration_search(model: nn.Module, tok, config: EditConfig, progress: bool = True,
+                       model_fingerprint: str = "", calibration: str | Path | None = None) -> SweepResult:
+    """The location search of ``config`` on the calibration set (never on the edits it will place)."""
+    from ftedit.calibration import calibration_path
+    from ftedit.data.loaders import load_requests
+
+    return sweep(model, tok, load_requests(calibration or calibration_path()).requests, config, progress=progress,
+                 model_fingerprint=model_fingerprint)
+
+
+def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = None, progress: bool = True,
+                     model_fingerprint: str = "", calibration: str | Path | None = None
+                     ) -> tuple[EditConfig, dict[str, Any]]:
     """Resolve ``params.layers=auto``: the config with the chosen location, and a record for the manifest.
 
-    The search is cached per model and settings, so edits without paraphrase/neighborhood prompts reuse an
-    earlier search of the same model; with neither, the fallback location is used and says so.
+    The location is a property of the model: it comes from the search on the shipped calibration set
+    (COUNTERFACT train split), taken from the package for the bundled models, else from the cache, else run
+    now and cached. The edits themselves play no part. Configs with explicit layers pass through unchanged.
     """
-    sample = sample_edits(requests, config.locate)
+    if config.params.layers != "auto":
+        return config, {"source": "config"}
+    from ftedit.calibration import calibration_path, calibration_sha256
+
+    cal_file = str(calibration or calibration_path())
+    settings = search_settings(config)
+    key = settings_key(settings, calibration_sha256(cal_file))
+    fingerprint = model_fingerprint or getattr(identity, "fingerprint", "")
+    shipped = shipped_result(identity, key) if calibration is None else None
+    if shipped:
+        result, source = SweepResult.from_dict(shipped["search"]), "shipped"
+        why = f"shipped calibration result for bundled model {shipped['model']!r} (same GGUF file and settings)"
+    else:
+        result = calibration_search(model, tok, config, progress, fingerprint, calibration)
+        source = "cached" if result.cached else "search"
+        why = ("cached calibration search of this model" if result.cached else
+               f"fresh calibration search ({result.seconds:.0f}s), now cached for this model")
     chosen = copy.deepcopy(config)
-    if not scorable(sample) and not cached_search(model, config, model_fingerprint):
-        logger.warning("params.layers=auto: these edits have no paraphrase and neighborhood prompts to score trial "
-                       "edits on, and no earlier search of this model is cached; using layers %s, modules %s "
-                       "(run `ftedit locate` on COUNTERFACT-style edits once to cache a search for this model)",
-                       config.locate.fallback_layers, config.locate.fallback_modules)
-        chosen.params.layers = config.locate.fallback_layers
-        chosen.params.modules = config.locate.fallback_modules
-        return chosen, {"source": "fallback", "layers": chosen.params.layers, "modules": chosen.params.modules,
-                        "reason": "edits without paraphrase/neighborhood prompts and no cached search"}
-    result = sweep(model, tok, requests, config, progress=progress, model_fingerprint=model_fingerprint,
-                   per_model_cache=True)
-    chosen.params.layers = str(result.best.layer)
-    chosen.params.modules = result.best.module
-    logger.info("location: layer %d, %s (trial edit score %.1f, %s search over %d candidates, %.0fs%s)",
-                result.best.layer, result.best.module, result.best_metrics()["edit_score"], result.strategy,
-                len(result.candidates), result.seconds, ", cached" if result.cached else "")
-    record = {"source": "auto", "layer": result.best.layer, "module": result.best.module,
-              "strategy": result.strategy, "cached": result.cached, "n_candidates": len(result.candidates),
-              "n_trials": len(result.trials), "trial_metrics": result.best_metrics(), "seconds": result.seconds}
-    return chosen, record
+    chosen.params.layers, chosen.params.modules = str(result.best.layer), result.best.module
+    logger.info("location: layer %d %s, from the %s (calibration trial edit score %.1f over %d candidates)",
+                result.best.layer, result.best.module, why, result.best_metrics()["edit_score"], len(result.candidates))
+    return chosen, {"source": source, "why": why, "layer": result.best.layer, "module": result.best.module,
+                    "calibration": {"file": Path(cal_file).name, "sha256": calibration_sha256(cal_file),
+                                    "n_sampled": result.n_edits},
+                    "settings_key": key, "strategy": result.strategy, "n_candidates": len(result.candidates),
+                    "seconds": result.seconds, "trial_metrics": result.best_metrics(),
+                    "trials": table_rows(result)}
 
 
 STRATEGIES = ("exhaustive", "halving", "both")
@@ -326,6 +365,26 @@ def run_sweeps(*, data, out: Path, model, recipe, overrides, strategy, n, offset
         write_report(Path(out) / name, result, identity.to_dict(), title)
         results[name] = result
     return results
+
+
+def run_calibration_sweep(*, out: Path, model, recipe, overrides, strategy, n, device, dtype,
+                          progress) -> tuple[SweepResult, dict[str, Any] | None]:
+    """``ftedit locate --calibration``: the search of ``params.layers=auto`` rerun without the cache, its report
+    written to ``out``; with the shipped entry of this (bundled) model under the same settings, if any."""
+    from ftedit.calibration import calibration_sha256
+    from ftedit.models import load_model
+
+    cfg = resolve_config(recipe, None, overrides)
+    if strategy:
+        cfg.locate.strategy = strategy
+    if n is not None:
+        cfg.locate.n_edits = n
+    cfg.validate()
+    cfg.locate.cache = False
+    base, tok, identity = load_model(model, device=device, dtype=dtype)
+    result = calibration_search(base, tok, cfg, progress=progress)
+    write_report(out, result, identity.to_dict(), f"{identity.spec}, calibration set, trials: {recipe}")
+    return result, shipped_result(identity, settings_key(search_settings(cfg), calibration_sha256()))
 
 
 # -- reports -------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def apply_spec(spec: MethodSpec, config, model: nn.Module, tok, requests: Sequen
     seconds = 0.0
     if spec.capabilities.locate:
         start = time.perf_counter()
-        config, location = resolve_location(model, tok, config, requests, context.progress,
+        config, location = resolve_location(model, tok, config, context.identity, context.progress,
                                             context.model_fingerprint)
         seconds = time.perf_counter() - start
     applied = spec.apply(model, tok, list(requests), config, context)

@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from ftedit.chat import apply_chat_template
 from ftedit.checkpoint import Checkpoints, run_fingerprint
-from ftedit.config import EditConfig
+from ftedit.config import DEFAULT_RECIPE, EditConfig
 from ftedit.data.loaders import load_pool_facts, load_requests
-from ftedit.data.requests import request_hash
+from ftedit.data.requests import request_hash, warn_subjectless
 from ftedit.distributed import DataParallel, full_state_dict, shard_model
 from ftedit.errors import UsageError
 from ftedit.evaluate import compare, evaluate_requests
+from ftedit.evaluate.answers import before_after, what_it_says
 from ftedit.ledger import check_conflicts, find_ledger
 from ftedit.methods import apply_spec
 from ftedit.models import load_model
@@ -29,6 +31,8 @@ from ftedit.registry import ApplyContext, MethodSpec, get_method
 
 logger = logging.getLogger(__name__)
 
+MISSING = "count"  # a user's facts may come without paraphrases/neighbors: their rates average what is there
+
 
 @dataclass
 class EditOptions:
@@ -37,7 +41,7 @@ class EditOptions:
     data: str
     out: Path
     model: str = "demo"
-    method: str = "ft-mask-para-rand"
+    method: str = DEFAULT_RECIPE
     config_file: str | Path | None = None
     overrides: list[str] = field(default_factory=list)
     pool: str | None = None
@@ -103,7 +107,8 @@ def _check_recipe(cfg: EditConfig, opts: EditOptions, parallel: DataParallel) ->
                          "(--set params.method=lora) and save them with --save adapter")
     if (cfg.augment.n_random or cfg.augment.n_similar) and not (opts.pool or cfg.augment.pool):
         raise UsageError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
-                         "(e.g. the COUNTERFACT train split) or --set augment.n_random=0 augment.n_similar=0")
+                         "(e.g. the COUNTERFACT train split), --pool shipped, or --set augment.n_random=0 "
+                         "augment.n_similar=0")
     if cfg.mode == "single" and opts.save != "none":
         logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
                        "writing the manifest and per-edit metrics only")
@@ -127,12 +132,20 @@ class _Inputs:
     history: list
 
 
-def _load_inputs(spec: MethodSpec, opts: EditOptions) -> _Inputs:
+def _pool_source(config, opts: EditOptions) -> str | None:
+    """``--pool``, else the recipe's own (``augment.pool``, e.g. ``shipped``)."""
+    return opts.pool or (config.augment.pool if isinstance(config, EditConfig) else None)
+
+
+def _load_inputs(spec: MethodSpec, config, opts: EditOptions) -> _Inputs:
     """The edits (and fact pool), checked against the ledger of the model they go into."""
     loaded = load_requests(opts.data, n=opts.n, offset=opts.offset, skip_invalid=opts.skip_invalid)
     for issue in loaded.skipped:
         logger.warning("skipped: %s", issue)
-    facts = load_pool_facts(opts.pool) if opts.pool and spec.capabilities.pool else None
+    if isinstance(config, EditConfig):
+        warn_subjectless(loaded.requests)
+    pool = _pool_source(config, opts)
+    facts = load_pool_facts(pool) if pool and spec.capabilities.pool else None
     history = find_ledger(opts.model)
     check_conflicts(history, loaded.requests, opts.on_conflict, source=str(opts.data))
     return _Inputs(loaded.requests, loaded.skipped, facts, history)
@@ -156,7 +169,7 @@ def run_edit(opts: EditOptions) -> EditRun:
     config = spec.resolve_config(opts.config_file, overrides)
     out = prepare_output_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, base_model=opts.model)
     save = _check_capabilities(spec, config, opts, parallel)
-    inputs = _load_inputs(spec, opts)
+    inputs = _load_inputs(spec, config, opts)
     with report_interruption(out, opts.command):
         return _edit_and_save(spec, config, save, inputs, out, opts, parallel)
 
@@ -168,32 +181,37 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
                                      quantize=opts.quantize)
     if parallel.sharded:
         shard_model(base, parallel)
+    chat_setting = config.objective.chat_template if isinstance(config, EditConfig) else "off"
+    requests, facts, chat = apply_chat_template(tok, inputs.requests, inputs.facts, chat_setting)
+    single = _mode(config) == "single"
+    said = what_it_says(base, tok, inputs.requests, chat) if opts.evaluate and not single and parallel.is_main \
+        else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
-    pre = None
-    if opts.evaluate:  # records without paraphrases or neighbors are counted, not refused (missing="count")
-        pre = evaluate_requests(base, tok, inputs.requests, progress=opts.progress and parallel.is_main,
-                                missing="count")
-    context = ApplyContext(pool=inputs.facts, progress=opts.progress, model_fingerprint=identity.fingerprint,
-                           checkpoints=_checkpoints(spec, config, out, inputs.requests, identity, opts, parallel))
+    pre = evaluate_requests(base, tok, requests, progress=opts.progress and parallel.is_main, missing=MISSING) \
+        if opts.evaluate else None
+    context = ApplyContext(pool=facts, progress=opts.progress, model_fingerprint=identity.fingerprint,
+                           checkpoints=_checkpoints(spec, config, out, inputs.requests, identity, opts, parallel),
+                           identity=identity)
     start = time.perf_counter()
-    applied = apply_spec(spec, config, base, tok, inputs.requests, context)
+    applied = apply_spec(spec, config, base, tok, requests, context)
     wall = time.perf_counter() - start
-    single = _mode(config) == "single"
     post, state_dict = None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
-            post = evaluate_requests(applied.model, tok, inputs.requests, progress=opts.progress and parallel.is_main,
-                                     missing="count")
+            post = evaluate_requests(applied.model, tok, requests, progress=opts.progress and parallel.is_main,
+                                     missing=MISSING)
         state_dict = full_state_dict(applied.model) if save == "model" else None
     if not parallel.is_main:
         return EditRun({}, out, save)
     extra = {"data": {"source": str(opts.data), "n": opts.n, "offset": opts.offset,
                       "skipped": [vars(s) for s in inputs.skipped]},
-             "pool": opts.pool, "wall_seconds": wall}
+             "pool": _pool_source(config, opts), "chat_template": chat, "wall_seconds": wall}
     if opts.evaluate and not single:
-        post = post or evaluate_requests(applied.model, tok, inputs.requests, progress=opts.progress, missing="count")
+        post = post or evaluate_requests(applied.model, tok, requests, progress=opts.progress, missing=MISSING)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
+        extra["generations"] = before_after(inputs.requests, said, what_it_says(applied.model, tok, inputs.requests,
+                                                                                 chat))
     elif single:
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": applied.single_edit_metrics}
     manifest = build_manifest(applied, inputs.requests, identity.to_dict(), extra)

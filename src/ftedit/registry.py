@@ -63,6 +63,7 @@ class ApplyContext:
     progress: bool = True
     model_fingerprint: str = ""
     checkpoints: Checkpoints | None = None  # for methods with Capabilities.resume
+    identity: Any = None  # the model's ModelIdentity: finds the shipped location of a bundled model
 
 
 @dataclass

@@ -10,6 +10,9 @@ Conventions (the MEMIT/ROME protocol, which the published tables use):
   predict target token ``i``.
 * EOS after the target is opt-in (``append_eos=True``), for training recipes that want it (LocFT does).
 * Batches are right-padded; padded positions carry ``attention_mask = 0`` and ``labels = -100``.
+* Chat form (instruct models, ``objective.chat_template``): the prompt becomes the tokenizer's chat template
+  around one user turn, ending with the assistant header; the target follows it with no added space, and the
+  templated text brings its own BOS, so none is added again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def with_leading_space(target: str) -> str:
 
 
 def encode_prompt(tok, prompt: str) -> list[int]:
-    ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+    templated = bool(tok.bos_token) and prompt.startswith(tok.bos_token)  # a chat template wrote the BOS
+    ids = list(tok(prompt, add_special_tokens=not templated)["input_ids"])
     if tok.eos_token_id is not None and len(ids) > 1 and ids[-1] == tok.eos_token_id and not prompt.endswith(
         tok.eos_token or "\0"
     ):
@@ -37,8 +41,8 @@ def encode_prompt(tok, prompt: str) -> list[int]:
     return ids
 
 
-def encode_target(tok, target: str, append_eos: bool = False) -> list[int]:
-    ids = list(tok(with_leading_space(target), add_special_tokens=False)["input_ids"])
+def encode_target(tok, target: str, append_eos: bool = False, leading_space: bool = True) -> list[int]:
+    ids = list(tok(with_leading_space(target) if leading_space else target, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ValueError(f"target {target!r} encodes to no tokens")
     if append_eos:
@@ -68,13 +72,42 @@ def encode_pair(tok, prompt: str, target: str, append_eos: bool = False) -> Enco
     prompt_ids = encode_prompt(tok, prompt)
     if not prompt_ids:
         raise ValueError(f"prompt {prompt!r} encodes to no tokens: the first target token would have no context")
-    return EncodedPair(tuple(prompt_ids + encode_target(tok, target, append_eos)), len(prompt_ids))
+    target_ids = encode_target(tok, target, append_eos, leading_space=not prompt[-1:].isspace())
+    return EncodedPair(tuple(prompt_ids + target_ids), len(prompt_ids))
 
 
 def encode_text(tok, text: str) -> EncodedPair:
     """A whole text as one sequence for full-likelihood (naive) training: every token after the first is a label."""
     ids = encode_prompt(tok, text)
     return EncodedPair(tuple(ids), 1)
+
+
+CHAT_SETTINGS = ("auto", "on", "off")
+
+
+def has_chat_template(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def chat_prompt(tok, text: str) -> str:
+    """``text`` as one user turn of the tokenizer's chat template, followed by the assistant's header."""
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def is_question(text: str) -> bool:
+    return text.rstrip().endswith("?")
+
+
+def use_chat_template(tok, prompts: Sequence[str], setting: str = "auto") -> bool:
+    """Whether prompts go through the chat template: ``on``/``off``, or ``auto``: the tokenizer has a chat
+    template (an instruct model) and every prompt is a question, so the answer is an assistant turn."""
+    if setting not in CHAT_SETTINGS:
+        raise ValueError(f"objective.chat_template {setting!r} is not one of {CHAT_SETTINGS}")
+    if setting == "on" and not has_chat_template(tok):
+        raise ValueError("objective.chat_template=on but the tokenizer has no chat template")
+    if setting != "auto":
+        return setting == "on"
+    return has_chat_template(tok) and bool(prompts) and all(is_question(p) for p in prompts)
 
 
 @dataclass

@@ -37,6 +37,9 @@ class ObjectiveConfig:
     append_eos: bool = False  # train on target + EOS (LocFT does), so the model also learns to stop
     dpo_weight: float = 0.0  # >0 adds DPO with target_true as the rejected answer (paper 000's ablation)
     dpo_beta: float = 0.1  # DPO inverse temperature
+    # "on": prompt and target go through the tokenizer's chat template (user turn -> assistant answer), in
+    # training, evaluation and generation; "auto": on when the tokenizer has one and every prompt is a question
+    chat_template: str = "auto"
 
 
 @dataclass

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ftedit.commands import bench, demo, edit, eval, ledger, locate, recipes, retention
+from ftedit.commands import bench, demo, edit, eval, generate, ledger, locate, recipes, retention
 from ftedit.commands.reporting import ReportingGroup, run_cli
 
 app = typer.Typer(cls=ReportingGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +31,7 @@ app.command("ledger")(ledger.ledger_command)
 app.command("bench")(bench.bench_command)
 app.command("retention")(retention.retention_command)
 app.command("eval")(eval.eval_command)
+app.command("generate")(generate.generate_command)
 app.command("locate")(locate.locate_command)
 
 

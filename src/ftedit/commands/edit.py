@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ftedit.commands.console import console
+from ftedit.config import DEFAULT_RECIPE
 
 HEADLINE = ("efficacy", "generalization", "locality", "edit_score")
 
@@ -20,7 +21,7 @@ def print_eval(pre: dict, post: dict, seconds: float) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for key in HEADLINE:
-        if key in post:
+        if post.get(key) is not None:
             table.add_row(key, _fmt(pre.get(key)), _fmt(post[key]))
     console.print(table)
     for name, what in (("generalization", "paraphrase"), ("locality", "neighborhood")):
@@ -33,15 +34,34 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def print_location(location: dict | None) -> None:
+    if location and "why" in location:
+        console.print(f"[bold]location[/bold] layer {location['layer']} {location['module']}: {location['why']}")
+
+
+def print_generations(generations: dict) -> None:
+    table = Table(title=f"What the model says (greedy, {generations['max_new_tokens']} tokens): before -> after")
+    for col in ("prompt", "new target", "before", "after", "match"):
+        table.add_column(col)
+    for r in generations["rows"]:
+        mark = "[green]yes[/green]" if r["match_after"] else "[red]no[/red]"
+        table.add_row(f"{r['kind']}: {r['prompt']}", r["target_new"], repr(r["before"].strip()),
+                      repr(r["after"].strip()), mark)
+    console.print(table)
+    console.print("exact match of the new target (%): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in generations["summary"].items()))
+
+
 def edit_command(
     data: Annotated[str, typer.Option(help="Edit requests: COUNTERFACT/ZsRE JSON, JSONL/CSV or hf:NAME.")],
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
     model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
     recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
-                                              "alphaedit.")] = "ft-mask-para-rand",
+                                              "alphaedit.")] = DEFAULT_RECIPE,
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
-    pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation (default: the "
+                                                  "recipe's, e.g. the shipped COUNTERFACT train-split pool).")] = None,
     layers: Annotated[str | None, typer.Option(
         help="Layers to train (params.layers), e.g. -3: or 15; 'auto' picks layer and module by a trial sweep.")] = None,
     n: Annotated[int | None, typer.Option(help="Number of edit records (default: all).")] = None,
@@ -74,6 +94,9 @@ def edit_command(
     manifest = run.manifest
     if not manifest:  # not the main process of a distributed run
         return
+    print_location(manifest["touched"].get("location"))
+    if manifest.get("generations"):
+        print_generations(manifest["generations"])
     evaluation = manifest.get("evaluation") or {}
     if "post" in evaluation:
         seconds = manifest["seconds"].get("train", manifest["seconds"].get("edit", 0.0))

@@ -63,6 +63,8 @@ def eval_command(
     ppl_max_length: Annotated[int, typer.Option(help="Tokens per perplexity text (truncation).")] = 256,
     missing: Annotated[str, typer.Option(help="Records without paraphrases/neighbors: count (average each metric "
                                               "over the records that have its prompts; counts reported) | error.")] = "count",
+    chat_template: Annotated[str, typer.Option(help="Prompts as chat turns: auto (instruct model and question "
+                                                    "prompts) | on | off.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -76,7 +78,7 @@ def eval_command(
         model=model, data=data, n=n, offset=offset, seed=seed, protocol=protocol, batch_size=batch_size, out=out,
         base_model=base_model, details=details, fluency=fluency, gen_max_len=gen_max_len, gen_top_k=gen_top_k,
         snippets=snippets, idf=idf, tfidf_vocab=tfidf_vocab, ppl_data=ppl_data, ppl_n=ppl_n,
-        ppl_max_length=ppl_max_length, missing=missing, device=device, dtype=dtype, progress=progress))
+        ppl_max_length=ppl_max_length, missing=missing, chat_template=chat_template, device=device, dtype=dtype, progress=progress))
     print_table(outcome.result, outcome.base_result, outcome.deltas,
                 f"{model} on {Path(data).name} ({outcome.n_requests} records)")
     return outcome.payload

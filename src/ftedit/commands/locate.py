@@ -13,14 +13,18 @@ from ftedit.locate import SweepResult
 
 
 def locate_command(
-    data: Annotated[str, typer.Option(help="Edit requests to try (COUNTERFACT/ZsRE JSON, JSONL/CSV, hf:NAME).")],
     out: Annotated[Path, typer.Option(help="Directory for sweep.json/.md/.csv and heatmap.png.")],
+    data: Annotated[str, typer.Option(help="Edit requests to try (COUNTERFACT/ZsRE JSON, JSONL/CSV, hf:NAME).")]
+    = "",
+    calibration: Annotated[bool, typer.Option(help="Run the search of --layers auto on the shipped calibration set "
+                                                   "(reproduces the shipped result of a bundled model).")] = False,
     model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
     recipe: Annotated[str, typer.Option(help="Recipe whose training the trials use (augmentation off).")] = "locft-bf",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a field, e.g. locate.layer_stride=2, locate.modules=down,up, train.epochs=10.")] = None,
-    strategy: Annotated[str, typer.Option(help="exhaustive | halving | both (halving, then checked exhaustively).")
-                        ] = "exhaustive",
+    strategy: Annotated[str | None, typer.Option(
+        help="exhaustive | halving | both (halving, then checked exhaustively); default: exhaustive with --data, "
+             "the recipe's with --calibration.")] = None,
     n: Annotated[int | None, typer.Option(help="Edits sampled for the trials (locate.n_edits).")] = None,
     offset: Annotated[int, typer.Option(help="First record index.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
@@ -28,15 +32,24 @@ def locate_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Sweep layers x modules with short trial edits; write a heatmap and table and recommend a location."""
-    from ftedit.locate import run_sweeps
+    from ftedit.locate import run_calibration_sweep, run_sweeps
 
+    if calibration == bool(data):
+        raise typer.BadParameter("pass either --data FILE (a search on those edits) or --calibration (the search "
+                                 "that --layers auto runs, on the shipped calibration set)")
+    if calibration:
+        result, shipped = run_calibration_sweep(out=out, model=model, recipe=recipe, overrides=set_ or [],
+                                                strategy=strategy, n=n, device=device, dtype=dtype, progress=progress)
+        _print(result, Path(out))
+        _against_shipped(result, shipped)
+        return
+    strategy = strategy or "exhaustive"
     results = run_sweeps(data=data, out=out, model=model, recipe=recipe, overrides=set_ or [], strategy=strategy,
                          n=n, offset=offset, device=device, dtype=dtype, progress=progress)
     for name, result in results.items():
         _print(result, Path(out) / name)
     if strategy == "both":
         _compare(results["halving"], results["exhaustive"])
-
 
 
 def _print(result: SweepResult, where: Path) -> None:
@@ -52,6 +65,14 @@ def _print(result: SweepResult, where: Path) -> None:
     console.print(table)
     console.print(f"recommended: --set params.layers={result.best.layer} --set params.modules={result.best.module}"
                   f"   (report: {where})")
+
+
+def _against_shipped(result: SweepResult, shipped: dict | None) -> None:
+    if shipped:
+        best = shipped["search"]["best"]
+        same = (best["layer"], best["module"]) == (result.best.layer, result.best.module)
+        console.print(f"shipped result for {shipped['model']}: layer {best['layer']} {best['module']} "
+                      f"({'reproduced' if same else 'NOT reproduced'})")
 
 
 def _compare(pruned: SweepResult, full: SweepResult) -> None:

@@ -584,8 +584,11 @@ def load_pool_facts(
 
     COUNTERFACT gives ``target_true`` / ``ground_truth``, ZsRE ``answers[0]``, user rows ``target_true`` or else
     ``target``. Validation and selection work as in :func:`load_requests`; skipped records are logged.
+    ``source="shipped"``: the package's pool of COUNTERFACT train-split facts.
     """
-    file, raws = _read(source, format, n, offset, split)
+    from ftedit.calibration import resolve_pool
+
+    file, raws = _read(resolve_pool(str(source)), format, n, offset, split)
     _check_not_empty(file, raws, offset, "facts")
     schema = _schema(format, raws)
     mapped = list(_map(file, raws, lambda raw: schema.pool(_record(raw))))

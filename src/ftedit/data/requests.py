@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,14 @@ class EditRequest:
 def request_hash(request: EditRequest) -> str:
     """Stable identity of an edit: prompt and new target (what the model is asked to say)."""
     return hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).hexdigest()[:16]
+
+
+def warn_subjectless(requests: Sequence[EditRequest]) -> int:
+    """Log which rows carry no subject and what that means; return how many."""
+    missing = [i for i, r in enumerate(requests) if not r.subject.strip()]
+    if missing:
+        logger.warning("%d of %d edits have no subject (rows %s): not needed by the fine-tuning recipes, which "
+                       "train on prompt -> target; the pool's leak filter then matches whole prompts only "
+                       "(the closed-form baselines rome/memit/alphaedit need one)", len(missing), len(requests),
+                       ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else ""))
+    return len(missing)

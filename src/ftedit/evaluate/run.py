@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ftedit.atomic import write_json_atomic
+from ftedit.chat import apply_chat_template
 from ftedit.evaluate import EvalResult, compare, evaluate_requests
 from ftedit.evaluate.generation import GenerationOptions, load_snippets, tfidf_vectorizer
 from ftedit.evaluate.perplexity import load_texts, perplexity
@@ -41,6 +42,7 @@ def evaluate_spec(spec: str, requests, cfg: dict[str, Any]) -> tuple[dict[str, A
     t0 = time.perf_counter()
     model, tok, identity = load_model(spec, device=cfg["device"], dtype=cfg["dtype"])
     logger.info("loaded %s in %.1fs", spec, time.perf_counter() - t0)
+    requests, _, _ = apply_chat_template(tok, requests, setting=cfg["chat_template"])
     result = evaluate_requests(model, tok, requests, protocol=cfg["protocol"], batch_size=cfg["batch_size"],
                                details=cfg["details"], progress=cfg["progress"], missing=cfg["missing"],
                                generation=cfg["generation"], snippets=cfg["snippets"],
@@ -87,6 +89,7 @@ class EvalSettings:
     ppl_n: int = 200
     ppl_max_length: int = 256
     missing: str = "count"
+    chat_template: str = "auto"  # prompts as chat turns: auto (instruct model and question prompts) | on | off
     device: str | None = None
     dtype: str = "auto"
     progress: bool = True
@@ -114,7 +117,7 @@ def run_evaluation(s: EvalSettings) -> EvalOutcome:
     snips = load_snippets(s.snippets) if s.snippets else None
     cfg: dict[str, Any] = {
         "device": s.device, "dtype": s.dtype, "protocol": s.protocol, "batch_size": s.batch_size,
-        "details": s.details, "progress": s.progress, "missing": s.missing,
+        "details": s.details, "progress": s.progress, "missing": s.missing, "chat_template": s.chat_template,
         "generation": generation_options(s.fluency, s.gen_max_len, s.gen_top_k, s.seed, s.batch_size),
         "snippets": snips, "vectorizer": tfidf_vectorizer(snips, s.idf, s.tfidf_vocab) if snips else None,
         "target_ids": target_ids(s.data) if snips else None,
@@ -133,7 +136,7 @@ def run_evaluation(s: EvalSettings) -> EvalOutcome:
                    "generation": cfg["generation"].to_dict() if cfg["generation"] else None,
                    "snippets": s.snippets, "idf": s.idf, "tfidf_vocab": s.tfidf_vocab, "ppl_data": s.ppl_data,
                    "ppl_n": s.ppl_n, "ppl_max_length": s.ppl_max_length, "missing": s.missing,
-                   "device": s.device, "dtype": s.dtype},
+                   "chat_template": s.chat_template, "device": s.device, "dtype": s.dtype},
         "data": {"n_requests": len(loaded.requests), "skipped": loaded.skipped},
         "model": identity, "result": result.to_dict(),
         "base_model": base_identity, "base_result": base_result.to_dict() if base_result else None,

@@ -1,0 +1,47 @@
+"""The shipped calibration set and pool: COUNTERFACT's train split only, reproducible from the shared data."""
+
+import json
+
+from ftedit.calibration import (
+    CALIBRATION_FILE,
+    POOL_FILE,
+    build_calibration_set,
+    case_ids,
+    resolve_pool,
+    resource,
+)
+from ftedit.data.loaders import load_pool_facts, load_requests
+
+
+def _splits(data_dir):
+    easy = data_dir / "counterfact" / "easyedit"
+    return {name: case_ids(easy / f"counterfact-{name}.json") for name in ("train", "edit", "val")}
+
+
+def test_calibration_set_comes_from_the_train_split_and_never_the_edit_or_val_split(data_dir):
+    splits = _splits(data_dir)
+    shipped = case_ids(resource(CALIBRATION_FILE))
+    assert len(shipped) >= 100
+    assert shipped <= splits["train"]
+    assert not shipped & (splits["edit"] | splits["val"] | case_ids(resource("demo_edits.json")))
+
+
+def test_calibration_records_have_paraphrases_and_neighbors():
+    requests = load_requests(resource(CALIBRATION_FILE)).requests
+    assert all(r.paraphrase_prompts and r.neighborhood and r.target_true for r in requests)
+
+
+def test_calibration_set_is_rebuilt_exactly_by_its_builder(data_dir):
+    union = json.loads((data_dir / "counterfact/full/counterfact_full_union.json").read_text())
+    splits = _splits(data_dir)
+    held = splits["edit"] | splits["val"] | case_ids(resource("demo_edits.json"))
+    rebuilt = build_calibration_set(union, splits["train"], held, n=120, seed=0)
+    assert rebuilt == json.loads(resource(CALIBRATION_FILE).read_text())
+
+
+def test_shipped_pool_is_train_split_facts_and_loads_by_name(data_dir):
+    splits = _splits(data_dir)
+    pool_ids = case_ids(resource(POOL_FILE))
+    assert pool_ids <= splits["train"] and not pool_ids & splits["edit"]
+    assert resolve_pool("shipped") == str(resource(POOL_FILE)) and resolve_pool("x.json") == "x.json"
+    assert len(load_pool_facts("shipped")) == len(pool_ids)
