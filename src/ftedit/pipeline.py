@@ -184,8 +184,9 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     chat_setting = config.objective.chat_template if isinstance(config, EditConfig) else "off"
     requests, facts, chat = apply_chat_template(tok, inputs.requests, inputs.facts, chat_setting)
     single = _mode(config) == "single"
-    said = what_it_says(base, tok, inputs.requests, chat) if opts.evaluate and not single and parallel.is_main \
-        else None
+    # a sharded model's forwards need every process (each holds a shard): all of them generate, like they score
+    speaks = opts.evaluate and not single and (parallel.is_main or parallel.sharded)
+    said = what_it_says(base, tok, inputs.requests, chat) if speaks else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
     pre = evaluate_requests(base, tok, requests, progress=opts.progress and parallel.is_main, missing=MISSING) \
@@ -196,11 +197,12 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     start = time.perf_counter()
     applied = apply_spec(spec, config, base, tok, requests, context)
     wall = time.perf_counter() - start
-    post, state_dict = None, None
+    post, said_after, state_dict = None, None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
             post = evaluate_requests(applied.model, tok, requests, progress=opts.progress and parallel.is_main,
                                      missing=MISSING)
+            said_after = what_it_says(applied.model, tok, inputs.requests, chat)
         state_dict = full_state_dict(applied.model) if save == "model" else None
     if not parallel.is_main:
         return EditRun({}, out, save)
@@ -210,8 +212,8 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     if opts.evaluate and not single:
         post = post or evaluate_requests(applied.model, tok, requests, progress=opts.progress, missing=MISSING)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
-        extra["generations"] = before_after(inputs.requests, said, what_it_says(applied.model, tok, inputs.requests,
-                                                                                 chat))
+        said_after = said_after or what_it_says(applied.model, tok, inputs.requests, chat)
+        extra["generations"] = before_after(inputs.requests, said, said_after)
     elif single:
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": applied.single_edit_metrics}
     manifest = build_manifest(applied, inputs.requests, identity.to_dict(), extra)

@@ -21,7 +21,7 @@ def print_eval(pre: dict, post: dict, seconds: float) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for key in HEADLINE:
-        if post.get(key) is not None:
+        if key in post:
             table.add_row(key, _fmt(pre.get(key)), _fmt(post[key]))
     console.print(table)
     for name, what in (("generalization", "paraphrase"), ("locality", "neighborhood")):
