@@ -30,6 +30,7 @@ from ftedit.outputs import (
     save_edit,
 )
 from ftedit.registry import ApplyContext, MethodSpec, get_method
+from ftedit.unreached import check_reached
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ def run_edit(opts: EditOptions) -> EditRun:
     applied = apply_spec(spec, config, base, tok, inputs.requests, context)
     wall = time.perf_counter() - start
     single = _mode(config) == "single"
+    # single mode undid each edit after measuring it: nothing left to check
+    unreached = None if single else check_reached(applied.model, tok, inputs.requests, config,
+                                                  warn=parallel.is_main)
     post, state_dict = None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
@@ -181,7 +185,7 @@ def run_edit(opts: EditOptions) -> EditRun:
         return EditRun({}, out, save)
     extra = {"data": {"source": str(opts.data), "n": opts.n, "offset": opts.offset,
                       "skipped": [vars(s) for s in inputs.skipped]},
-             "pool": opts.pool, "wall_seconds": wall}
+             "pool": opts.pool, "wall_seconds": wall, "unreached": unreached}
     if opts.evaluate and not single:
         post = post or evaluate_requests(applied.model, tok, inputs.requests, progress=opts.progress)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
