@@ -1,7 +1,8 @@
 """Choose LoRA settings on held-out dev edits: the same recipe with full weights and with LoRA variants.
 
     python benchmarks/lora_dev.py --n 30 --recipe locft-bf --set params.layers=1 --set params.modules=down \
-        full= lr2e-3=params.method=lora,lora.lr=2e-3 lr5e-3=params.method=lora,lora.lr=5e-3 --out runs/lora-dev.json
+        "full=" "lr2e-3=params.method=lora;lora.lr=2e-3" "mlp=params.method=lora;lora.modules=down,up" \
+        --out runs/lora-dev.json
 
 Dev edits: records of ``counterfact_full_union.json`` (2 paraphrases, 10 neighbors each) whose case_id is in
 COUNTERFACT's train split (``counterfact-train.json``), first ``--n`` by case_id. They never overlap the edit
@@ -40,12 +41,12 @@ def dev_requests(n: int, union: Path = DATA / "full" / "counterfact_full_union.j
 
 def _entry(spec: str) -> tuple[str, list[str]]:
     label, _, sets = spec.partition("=")
-    return label, [s for s in sets.split(",") if s]
+    return label, [s for s in sets.split(";") if s]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("entries", nargs="+", help="LABEL=key=value,key=value (LABEL= for the recipe as it is)")
+    ap.add_argument("entries", nargs="+", help="LABEL=key=value;key=value (LABEL= for the recipe as it is)")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--recipe", default="locft-bf")
     ap.add_argument("--n", type=int, default=30)
@@ -77,9 +78,10 @@ def main() -> None:
                      "config": cfg.to_dict()})
         print(_line(rows[-1]), flush=True)
         model = applied.restore()
-    if args.out:
-        write_json_atomic(args.out, {"model": identity.to_dict(), "n": args.n, "recipe": args.recipe,
-                                     "case_ids": [r.case_id for r in requests], "rows": rows, "argv": vars(args)})
+        if args.out:  # after every entry: an interrupted sweep keeps what it measured
+            write_json_atomic(args.out, {"model": identity.to_dict(), "n": args.n, "recipe": args.recipe,
+                                         "case_ids": [r.case_id for r in requests], "rows": rows,
+                                         "argv": vars(args)})
 
 
 def _line(row: dict) -> str:

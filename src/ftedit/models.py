@@ -212,7 +212,8 @@ def load_model(
     revision: str | None = None,
     quantize: str | None = None,
 ):
-    """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name.
+    """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name,
+    or a peft adapter directory (its base model, named in adapter_config.json, with the adapter loaded).
 
     Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU.
     ``device="auto"`` spreads the layers over all GPUs (and CPU) with accelerate's ``device_map="auto"``,
@@ -221,6 +222,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ftedit.adapters import is_adapter_dir, load_adapter_model
+
+    if is_adapter_dir(spec):  # a peft adapter directory (`ftedit edit --save adapter`): its base + the adapter
+        return load_adapter_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  revision=revision, quantize=quantize)
     spread = str(device) == "auto"
     device = default_device() if spread or device is None else torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
