@@ -21,8 +21,8 @@ from ftedit.editor import apply_recipe
 from ftedit.evaluate.scoring import score_pairs
 from ftedit.ledger import read_ledger
 from ftedit.models import load_model
-from ftedit.registry import ApplyContext
-from ftedit.unreached import check_reached, unreached_edits
+from ftedit.registry import ApplyContext, get_method
+from ftedit.unreached import check_reached, suggestion, unreached_edits
 from tiny import tiny_llama
 
 FIXTURE = "fixtures/counterfact_rome_format_first5.json"
@@ -113,7 +113,7 @@ def test_unreached_warning_fires_after_one_step(llama_model, llama_tok, caplog):
     assert [e["index"] for e in section["edits"]] == [0, 1]
     assert section["edits"][0]["nll_true"] is not None and section["edits"][1]["nll_true"] is None
     message = caplog.records[-1].getMessage()
-    assert "2 of 2 edits unreached" in message and "Eiffel" in message and "train.epochs (now 1)" in message
+    assert "2 of 2 edits unreached" in message and "Eiffel" in message and "train.epochs, now 1" in message
 
 
 def test_unreached_check_is_silent_when_all_edits_are_reached(llama_model, llama_tok, caplog):
@@ -123,6 +123,12 @@ def test_unreached_check_is_silent_when_all_edits_are_reached(llama_model, llama
         section = check_reached(applied.model, llama_tok, REQUESTS, config)
     assert section["n"] == 0 and section["edits"] == []
     assert not [r for r in caplog.records if r.name == "ftedit.unreached"]
+
+
+def test_suggestion_names_the_closed_form_methods_own_settings():
+    rome = get_method("rome").resolve_config(overrides=["value.steps=7", "layer=3"])
+    assert "value.steps, now 7" in suggestion(rome) and "layer=3" in suggestion(rome)
+    assert "train.steps_per_edit, now 25" in suggestion(resolve_config("ft-m"))
 
 
 def test_reached_means_preferred_over_target_true_or_greedy(llama_model, llama_tok):

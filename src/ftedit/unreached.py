@@ -71,14 +71,22 @@ def unreached_edits(model, tok, requests: Sequence[EditRequest], *, batch_size: 
 def suggestion(config: Any) -> str:
     """What to change, in the terms of the method's config."""
     if not isinstance(config, EditConfig):
-        return ("another layer (the method's layers setting), or more optimization of its target vectors "
-                "(its step and learning-rate settings)")
+        return _closed_form_suggestion(config)
     t = config.train
-    budget = f"train.steps_per_edit (now {t.steps_per_edit})" if t.pipeline == "depth" else \
-        f"train.epochs (now {t.epochs})"
+    budget = f"train.steps_per_edit, now {t.steps_per_edit}" if t.pipeline == "depth" else \
+        f"train.epochs, now {t.epochs}"
     return (f"more training ({budget}), a higher learning rate (train.lr, now {t.lr:g}), or another "
             f"location (params.layers={config.params.layers} params.modules={config.params.modules}; "
             "see `ftedit locate`)")
+
+
+def _closed_form_suggestion(config: Any) -> str:
+    """ROME/MEMIT/AlphaEdit: the target vectors' optimization (``value``) and the edited layer(s)."""
+    value = getattr(config, "value", None)
+    optimize = (f"more optimization of the target vectors (value.steps, now {value.steps}; value.lr, now "
+                f"{value.lr:g})") if value is not None else "more optimization of the target vectors"
+    where = next((f"{name}={getattr(config, name)}" for name in ("layers", "layer") if hasattr(config, name)), "")
+    return f"{optimize}, or another location ({where or 'the edited layers'}; see `ftedit locate`)"
 
 
 def check_reached(model, tok, requests: Sequence[EditRequest], config: Any, *, warn: bool = True) -> dict[str, Any]:
