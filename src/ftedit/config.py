@@ -42,10 +42,10 @@ class LoraConfig:
     held-out COUNTERFACT edits (``benchmarks/lora_dev.py``, README "LoRA").
     """
 
-    r: int = 8  # adapter rank
-    alpha: int = 16  # scale alpha / r
+    r: int = 4  # adapter rank
+    alpha: int = 8  # scale alpha / r
     dropout: float = 0.0
-    lr: float = 5e-3  # replaces train.lr when params.method=lora (0: keep train.lr)
+    lr: float = 1e-2  # replaces train.lr when params.method=lora (0: keep train.lr); 20x the recipes' full-weight lr
     epochs: int = 0  # replaces train.epochs when params.method=lora (0: keep train.epochs)
     modules: str = ""  # replaces params.modules when params.method=lora ("": the recipe's modules)
 
