@@ -19,7 +19,7 @@ from ftedit.data.loaders import load_requests
 from ftedit.data.requests import EditRequest
 from ftedit.editor import apply_recipe
 from ftedit.evaluate.scoring import score_pairs
-from ftedit.ledger import read_ledger
+from ftedit.ledger import ContradictionError, read_ledger
 from ftedit.models import load_model
 from ftedit.registry import ApplyContext, get_method
 from ftedit.unreached import check_reached, suggestion, unreached_edits
@@ -210,3 +210,17 @@ def test_adapter_directory_loads_for_ftedit_eval_and_in_plain_peft(tmp_path, lla
 
 def test_lora_config_defaults_are_documented_fields():
     assert {"r", "alpha", "dropout", "lr", "epochs", "modules"} <= set(LoraConfig.__dataclass_fields__)
+
+
+def test_stacking_contradicting_adapters_is_reported(tmp_path, llama_dir, data_dir):
+    records = json.loads((data_dir / FIXTURE).read_text())[:1]
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(records))
+    records[0]["requested_rewrite"]["target_new"]["str"] = "German"
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(records))
+    _edit(llama_dir, first, tmp_path / "e1", "train.epochs=1")
+    _edit(llama_dir, second, tmp_path / "e2", "train.epochs=1")
+    base, _, _ = load_model(str(llama_dir))
+    with pytest.raises(ContradictionError, match="German"):
+        stack_adapters(base, [tmp_path / "e1" / "adapter", tmp_path / "e2" / "adapter"], on_conflict="error")
