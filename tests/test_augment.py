@@ -14,13 +14,14 @@ from ftedit.augment import (
     augment_cache_path,
     build_training_set,
     clean_prefix,
-    fingerprint_model,
     join_prefix,
     leak_filter,
     nearest,
     random_examples,
     similar_examples,
+    tokenizer_key,
 )
+from ftedit.cache import cache_dir, model_fingerprint
 from ftedit.data.examples import PoolFact
 from ftedit.data.requests import EditRequest, ProbePrompt
 
@@ -241,7 +242,7 @@ def test_cache_hit_equals_fresh_and_seed_changes_key(gpt2_model, gpt2_tok, monke
     fresh = build_training_set(gpt2_model, gpt2_tok, REQUESTS, cfg(n_random=2, seed=5), pool=CLEAN, progress=False)
     first = build_training_set(gpt2_model, gpt2_tok, REQUESTS, c, pool=CLEAN, progress=False)
     assert first == fresh
-    files = list((augment.cache_dir() / "augment").glob("*.jsonl"))
+    files = list((cache_dir() / "augment").glob("*.jsonl"))
     assert len(files) == 1 and not list(files[0].parent.glob("*.tmp"))
 
     def boom(*a, **k):
@@ -254,16 +255,20 @@ def test_cache_hit_equals_fresh_and_seed_changes_key(gpt2_model, gpt2_tok, monke
                            progress=False)
 
 
-def test_cache_key_tracks_weights_pool_and_requests(gpt2_model, gpt2_tok):
-    c = cfg(n_random=2)
-    fp = fingerprint_model(gpt2_model, gpt2_tok)
-    key = augment.augment_cache_key(REQUESTS, c, CLEAN, fp)
+def test_cache_key_tracks_weights_tokenizer_pool_and_requests(gpt2_model, gpt2_tok, llama_tok):
+    c = cfg(n_random=2, n_paraphrases=1)
+    model = {"fingerprint": model_fingerprint(gpt2_model), "tokenizer": tokenizer_key(gpt2_tok), "device": "cpu"}
+    path = augment_cache_path(REQUESTS, c, CLEAN, model)
     with torch.no_grad():
         next(gpt2_model.parameters())[0, 0] += 1.0
-    fp2 = fingerprint_model(gpt2_model, gpt2_tok)
-    assert fp2 != fp
-    assert augment.augment_cache_key(REQUESTS, c, CLEAN, fp2) != key
-    assert augment.augment_cache_key(REQUESTS, c, CLEAN[:-1], fp) != key
-    assert augment.augment_cache_key(REQUESTS[:1], c, CLEAN, fp) != key
-    assert augment.augment_cache_key(REQUESTS, c, CLEAN, fp) == key
-    assert augment_cache_path(key).name == f"{key}.jsonl"
+    changed = {**model, "fingerprint": model_fingerprint(gpt2_model)}
+    assert changed["fingerprint"] != model["fingerprint"]
+    assert augment_cache_path(REQUESTS, c, CLEAN, changed) != path
+    assert augment_cache_path(REQUESTS, c, CLEAN, {**model, "tokenizer": tokenizer_key(llama_tok)}) != path
+    assert augment_cache_path(REQUESTS, c, CLEAN[:-1], model) != path
+    assert augment_cache_path(REQUESTS[:1], c, CLEAN, model) != path
+    assert augment_cache_path(REQUESTS, c, CLEAN, model) == path
+    # without paraphrases the model does not matter
+    no_para = cfg(n_random=2, n_paraphrases=0)
+    assert augment_cache_path(REQUESTS, no_para, CLEAN, changed) == augment_cache_path(REQUESTS, no_para, CLEAN, model)
+    assert path.suffix == ".jsonl" and path.parent == cache_dir() / "augment"

@@ -15,12 +15,12 @@ from ftedit.baselines.common import (
     post_mlp_module,
     residual_to_down,
     rewrite_probes,
-    weight_out_in,
 )
 from ftedit.baselines.rome import rank_one_update
 from ftedit.baselines.stats import CorpusError, StatsConfig, mom2
 from ftedit.data.requests import EditRequest
 from ftedit.methods import apply_method, method_names
+from ftedit.params import weight_out_in
 from ftedit.registry import get_method
 from ftedit.tokenization import encode_prompt
 
@@ -194,7 +194,7 @@ def test_mom2_cache_hit_and_miss(llama_model, llama_tok, corpus, monkeypatch):
     cfg = StatsConfig(corpus=str(corpus), n_samples=3, max_length=16)
     target = down_proj(llama_model, 0)
     first = mom2(llama_model, llama_tok, [target], cfg, fingerprint="abc", progress=False)[0]
-    path = stats_mod.cache_path("abc", target, cfg)
+    path = stats_mod.stats_path("abc", target, cfg)
     assert path.is_file()
 
     def no_collect(*args, **kwargs):

@@ -2,11 +2,12 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
-import tiny
+from ftedit import editor as editor_mod
 from ftedit.config import resolve_config
 from ftedit.data.examples import TrainingExample
 from ftedit.data.requests import EditRequest, ProbePrompt
@@ -14,7 +15,7 @@ from ftedit.editor import edit
 from ftedit.evaluate import evaluate_requests
 from ftedit.forward import PrefixActivations, per_example_nll
 from ftedit.tokenization import pad_right
-from ftedit.train import ObjectiveConfig, Scorer, TrainConfig, encode_examples, train
+from ftedit.train import ObjectiveConfig, Scorer, TrainConfig, batch_loss, dpo_loss, encode_examples, train
 
 REQUESTS = [
     EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French",
@@ -124,9 +125,50 @@ def test_single_mode_resets_between_edits(llama_model, llama_tok):
     assert all(torch.equal(v, original[k]) for k, v in llama_model.state_dict().items())
 
 
-def test_sequential_mode_trains_batches_in_order(llama_model, llama_tok):
-    result = edit(llama_model, llama_tok, REQUESTS, _config(mode="sequential", sequential_batch=2), progress=False)
+def test_sequential_mode_trains_batches_in_order(llama_model, llama_tok, monkeypatch):
+    trained: list[list[str]] = []
+
+    def recording_train(model, tok, examples, *args, **kwargs):
+        trained.append([e.target for e in examples if e.kind == "edit"])
+        return real_train(model, tok, examples, *args, **kwargs)
+
+    real_train = editor_mod.train
+    monkeypatch.setattr(editor_mod, "train", recording_train)
+    order = [REQUESTS[2], REQUESTS[0], REQUESTS[1]]
+    result = edit(llama_model, llama_tok, order, _config(mode="sequential", sequential_batch=2), progress=False)
     assert len(result.train) == 2
+    assert trained == [["Porsche", "English"], ["Korean"]]  # the batches, in request order
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_dpo_loss_is_the_weighted_dpo_formula(weight):
+    beta = 0.3
+    chosen, rejected = torch.tensor([-2.0, -5.0, -1.0]), torch.tensor([-3.0, -1.5, -4.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.5, -4.0, -1.0]), torch.tensor([-2.0, -2.0, -6.0])
+    objective = ObjectiveConfig(dpo_weight=weight, dpo_beta=beta)
+    expected = 0.0
+    for pw, pl, rw, rl in zip(chosen.tolist(), rejected.tolist(), ref_chosen.tolist(), ref_rejected.tolist(),
+                              strict=True):
+        margin = beta * ((pw - rw) - (pl - rl))
+        expected += math.log1p(math.exp(-margin)) / 3  # -log sigmoid(m) = log(1 + e^-m)
+    got = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, objective)
+    assert got.item() == pytest.approx(weight * expected, rel=1e-6, abs=1e-12)
+
+
+def test_batch_loss_adds_the_dpo_term_only_with_a_weight():
+    class CraftedScorer:
+        device = torch.device("cpu")
+        nll, logp = torch.tensor([0.4, 0.8]), {"chosen": torch.tensor([-1.0, -2.0]), "rejected": torch.tensor([-3.0])}
+
+        def __call__(self, idx, which="chosen"):
+            return (self.nll, self.logp["chosen"]) if which == "chosen" else (None, self.logp["rejected"])
+
+    ref = {1: (-2.5, -2.0)}  # only example 1 has a rejected answer
+    plain = batch_loss(CraftedScorer(), [0, 1], ObjectiveConfig(dpo_weight=0.0), ref)
+    assert plain.item() == pytest.approx(0.6)
+    with_dpo = batch_loss(CraftedScorer(), [0, 1], ObjectiveConfig(dpo_weight=1.0, dpo_beta=0.1), ref)
+    margin = 0.1 * ((-2.0 + 2.5) - (-3.0 + 2.0))
+    assert with_dpo.item() == pytest.approx(0.6 + math.log1p(math.exp(-margin)))
 
 
 def test_dpo_term_runs_with_and_without_cache(llama_model, llama_tok):
@@ -158,10 +200,6 @@ def test_manifest_and_saved_model_round_trip(tmp_path, llama_model, llama_tok):
                                llama_model.model.layers[2].mlp.down_proj.weight)
     with pytest.raises(FileExistsError):
         save_edit(tmp_path / "edited", result, llama_tok, manifest)
-
-
-def test_tiny_module_is_importable():
-    assert tiny.FIXTURES.exists()
 
 
 def test_lora_adapter_saves_and_reloads_with_peft(tmp_path, llama_model, llama_tok):

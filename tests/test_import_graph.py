@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import ftedit
 
 ROOT = Path(ftedit.__file__).parent
@@ -75,8 +73,6 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     assert found == {"ftedit.editor", "ftedit.registry"}
 
 
-@pytest.mark.xfail(strict=True, reason="ledger <-> outputs (request_hash): removed on branch i13b; drop this "
-                                       "marker when merging it")
 def test_import_graph_has_no_cycle():
     assert find_cycle(import_graph()) is None
 

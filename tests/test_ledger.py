@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ftedit.commands import app
 from ftedit.data import load_requests
-from ftedit.data.requests import EditRequest
+from ftedit.data.requests import EditRequest, request_hash
 from ftedit.ledger import (
     ContradictionError,
     check_conflicts,
@@ -17,7 +17,6 @@ from ftedit.ledger import (
     new_entries,
     read_ledger,
 )
-from ftedit.outputs import request_hash
 
 FIXTURE = "fixtures/counterfact_rome_format_first5.json"
 

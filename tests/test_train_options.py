@@ -65,3 +65,59 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_weights(llama_mode
     assert calls[True] == calls[False] + steps  # the block ran again in every backward pass
     for a, b in zip(weights[True], weights[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _trainable_copy(model, layers=(-2, -1), dtype=None):
+    model = copy.deepcopy(model)
+    if dtype is not None:
+        model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for i in layers for p in model.model.layers[i].mlp.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return model, params
+
+
+def _mean_nll(model, tok, examples) -> float:
+    from ftedit.forward import per_example_nll
+    from ftedit.tokenization import encode_pair, pad_right
+
+    batch = pad_right([encode_pair(tok, e.prompt, e.target) for e in examples], tok.pad_token_id)
+    with torch.no_grad():
+        return per_example_nll(model, batch)[0].float().mean().item()
+
+
+@pytest.mark.parametrize("prefix_layers", [0, 1])
+def test_bf16_autocast_training_learns_with_the_updated_weights(llama_model, llama_tok, prefix_layers):
+    """Under autocast every step must run on the current weights (autocast's cast cache would keep the first
+    step's bf16 copy of each trainable weight), and the loss must fall as it does in fp32."""
+    examples = [TrainingExample(r.prompt, r.target_new, request_index=i) for i, r in enumerate(REQUESTS)]
+    histories = {}
+    for precision in ("no", "bf16"):
+        model, params = _trainable_copy(llama_model)
+        start = _mean_nll(model, llama_tok, examples)
+        cfg = TrainConfig(epochs=40, batch_size=3, lr=1e-2, mixed_precision=precision)
+        result = train(model, llama_tok, examples, params, cfg, ObjectiveConfig(), progress=False,
+                       prefix_layers=prefix_layers)
+        histories[precision] = result.loss_history
+        assert result.loss_history[-1] < start - 0.4
+        # the trained weights, scored in fp32 without autocast, agree with what training saw
+        assert abs(_mean_nll(model, llama_tok, examples) - result.loss_history[-1]) < 0.1
+        assert all(p.dtype == torch.float32 for p in params)
+    assert abs(histories["bf16"][-1] - histories["no"][-1]) < 0.05
+
+
+def test_bf16_model_trains_fp32_master_weights_and_returns_its_dtype(llama_model, llama_tok):
+    """A model loaded in bf16 (CUDA's default) is trained on fp32 copies of its trainable weights, so that small
+    updates are not rounded away, and gets its weights back in bf16."""
+    examples = [TrainingExample(r.prompt, r.target_new, request_index=i) for i, r in enumerate(REQUESTS)]
+    model, params = _trainable_copy(llama_model, dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in params]
+    start = _mean_nll(model, llama_tok, examples)
+    cfg = TrainConfig(epochs=40, batch_size=3, lr=1e-2, mixed_precision="bf16")
+    result = train(model, llama_tok, examples, params, cfg, ObjectiveConfig(), progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert result.loss_history[-1] < start - 0.4
+    assert abs(_mean_nll(model, llama_tok, examples) - result.loss_history[-1]) < 0.1

@@ -11,7 +11,6 @@ the sum). The stack's ledger tags every edit with the name of the adapter that c
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,27 +21,11 @@ from torch import nn
 from ftedit.atomic import atomic_directory
 from ftedit.data.requests import EditRequest
 from ftedit.ledger import LEDGER_NAME, LedgerEntry, check_conflicts, read_ledger, write_ledger
+from ftedit.models import ADAPTER_CONFIG, freeze, is_adapter_dir
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 SAVED_ALONE = "default"  # peft's adapter name in a directory saved from a single adapter
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return Path(str(path)).expanduser().is_dir() and (Path(str(path)).expanduser() / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base model an adapter was trained on (``base_model_name_or_path`` of its adapter_config.json)."""
-    config = Path(path) / ADAPTER_CONFIG
-    try:
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config}: not a readable adapter config ({e})") from e
-    if not base:
-        raise ValueError(f"{config} names no base_model_name_or_path: load the base model yourself and pass it")
-    return base
 
 
 def _named(adapters: Sequence[str | Path] | Mapping[str, str | Path]) -> dict[str, Path]:
@@ -95,7 +78,7 @@ class AdapterStack:
         self.model.set_adapter(name)
         for old in self.names:
             self.model.delete_adapter(old)
-        _freeze(self.model)
+        freeze(self.model)
         return AdapterStack(self.model, [name], self.history, [replace(e, adapter=name) for e in self.entries])
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
@@ -104,12 +87,6 @@ class AdapterStack:
             self.model.save_pretrained(tmp)
             write_ledger(tmp / LEDGER_NAME, self.history, self.entries)
         return Path(out)
-
-
-def _freeze(model: nn.Module) -> None:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 def stack_adapters(base: nn.Module, adapters: Sequence[str | Path] | Mapping[str, str | Path], *,
@@ -133,21 +110,5 @@ def stack_adapters(base: nn.Module, adapters: Sequence[str | Path] | Mapping[str
         else:
             model.load_adapter(str(path), adapter_name=name)
     model.base_model.set_adapter(list(named))  # all active: their LoRA updates add up
-    _freeze(model)
+    freeze(model)
     return AdapterStack(model, list(named), history, entries)
-
-
-def load_adapter_model(path: str | Path, base_model: str | None = None, **load_kwargs):
-    """``(PeftModel, tokenizer, identity)`` of an adapter directory on its base (``ftedit.models.load_model``)."""
-    from peft import PeftModel
-
-    from ftedit.models import load_model
-
-    path = Path(path).expanduser()
-    base_spec = base_model or adapter_base(path)
-    base, tok, identity = load_model(base_spec, **load_kwargs)
-    model = PeftModel.from_pretrained(base, str(path))
-    _freeze(model)
-    identity.extra = {**identity.extra, "adapter": str(path), "base_spec": base_spec}
-    identity.spec, identity.source = str(path), "adapter"
-    return model, tok, identity

@@ -10,12 +10,11 @@ For each requested edit ``(prompt -> target_new)`` the training set gets
   for locality.
 
 Pool facts that would leak evaluation facts into training are filtered out first (see :func:`leak_filter`).
-Everything is deterministic for a given seed and inputs, and cached under ``cache_dir()/augment``.
+Everything is deterministic for a given seed and inputs, and cached under ``ftedit.cache.cache_dir()/augment``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -32,9 +31,10 @@ import numpy as np
 import torch
 
 from ftedit.atomic import write_bytes_atomic
+from ftedit.cache import cache_path, key_hash
+from ftedit.cache import model_fingerprint as cache_model_fingerprint
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
-from ftedit.models import cache_dir
 from ftedit.tokenization import left_padded
 
 logger = logging.getLogger(__name__)
@@ -107,11 +107,6 @@ class AugmentConfig:
         if self.paraphrase_bank is not None and self.paraphrase_bank < self.n_paraphrases:
             raise ValueError(f"paraphrase_bank ({self.paraphrase_bank}) must hold >= n_paraphrases "
                              f"({self.n_paraphrases}) prefixes")
-
-    @classmethod
-    def mass_editing(cls, **overrides: Any) -> AugmentConfig:
-        """Paper §5.1: 15 paraphrases and 20 random facts per edit."""
-        return cls(**overrides)
 
     @classmethod
     def single_editing(cls, **overrides: Any) -> AugmentConfig:
@@ -381,16 +376,12 @@ def embed_texts(texts: Sequence[str], config: AugmentConfig, progress: bool = Fa
     return np.asarray(emb, dtype=np.float32)
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def pool_embeddings(prompts: Sequence[str], config: AugmentConfig, progress: bool = False) -> np.ndarray:
     """Embeddings of pool prompts, memoized in process and (with ``config.cache``) on disk."""
-    key = _sha({"model": config.embedding_model, "texts": list(prompts)})[:32]
+    path = cache_path("augment/embeddings", suffix=".npy", model=config.embedding_model, texts=list(prompts))
+    key = path.stem
     if key in _EMBEDDING_MEMO:
         return _EMBEDDING_MEMO[key]
-    path = cache_dir() / "augment" / "embeddings" / f"{key}.npy"
     if config.cache and path.exists():
         emb = np.load(path)
     else:
@@ -439,43 +430,31 @@ def similar_examples(requests: Sequence[EditRequest], pool: Sequence[PoolFact], 
 # Cache and the build entry point
 # ----------------------------------------------------------------------------------------------------------
 
-def fingerprint_model(model, tok) -> str:
-    """A cheap content hash of a model and tokenizer: config, dtype, per-tensor sums, tokenizer specials.
-
-    Sums of every tensor tell fine-tuned checkpoints of one architecture apart without hashing all bytes.
-    """
-    cfg = getattr(model, "config", None)
-    with torch.no_grad():
-        sums = [(n, list(p.shape), round(float(p.sum(dtype=torch.float64)), 6)) for n, p in model.named_parameters()]
+def tokenizer_key(tok) -> list[Any]:
+    """What prefix sampling depends on in a tokenizer (the weights are in the model fingerprint)."""
     probe = list(tok("The quick brown fox, 1984: Paris.", add_special_tokens=True)["input_ids"])
-    return _sha({
-        "config": cfg.to_json_string() if cfg is not None else type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype), "params": sums,
-        "tok": [type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), tok.bos_token_id,
-                tok.eos_token_id, tok.pad_token_id, probe],
-    })
+    return [type(tok).__name__, getattr(tok, "name_or_path", ""), len(tok), tok.bos_token_id, tok.eos_token_id,
+            tok.pad_token_id, probe]
 
 
 def _config_key(config: AugmentConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("cache", "pool")}
 
 
-def augment_cache_key(requests: Sequence[EditRequest], config: AugmentConfig, pool: Sequence[PoolFact] | None,
-                      fingerprint: str, device: str = "") -> str:
-    """Hash of everything the augmented set depends on (the pool by content, not by path)."""
+def augment_cache_path(requests: Sequence[EditRequest], config: AugmentConfig, pool: Sequence[PoolFact] | None,
+                       model: dict[str, Any] | None = None) -> Path:
+    """Cache file keyed by everything the augmented set depends on (the pool by content, not by path).
+
+    ``model`` (fingerprint, tokenizer, device) matters only when paraphrases are sampled from the model.
+    """
     uses_pool = config.n_random > 0 or config.n_similar > 0
-    return _sha({
-        "version": CACHE_VERSION,
-        "model": fingerprint if config.n_paraphrases else "",
-        "device": device if config.n_paraphrases else "",  # CPU and CUDA sampling draw different texts
-        "requests": [{k: v for k, v in r.to_dict().items() if k != "origin"} for r in requests],
-        "config": _config_key(config),
-        "pool": _sha([asdict(f) for f in pool]) if uses_pool and pool is not None else None,
-    })[:32]
-
-
-def augment_cache_path(key: str) -> Path:
-    return cache_dir() / "augment" / f"{key}.jsonl"
+    return cache_path(
+        "augment", suffix=".jsonl", version=CACHE_VERSION,
+        model=(model or {}) if config.n_paraphrases else {},  # CPU and CUDA sampling draw different texts
+        requests=[{k: v for k, v in r.to_dict().items() if k != "origin"} for r in requests],
+        config=_config_key(config),
+        pool=key_hash([asdict(f) for f in pool]) if uses_pool and pool is not None else None,
+    )
 
 
 def _read_cache(path: Path) -> list[TrainingExample] | None:
@@ -520,8 +499,8 @@ def build_training_set(model, tok, requests: Sequence[EditRequest], config: Augm
     """Edits + pseudo-paraphrases + random/similar pool facts, grouped in that order, per ``config``.
 
     ``model`` must be the UNEDITED model (prefixes are sampled from it); it may be ``None`` when
-    ``n_paraphrases == 0``. ``model_fingerprint`` identifies the model for the cache key (e.g.
-    ``ModelIdentity.fingerprint``); derived from the model's config and weights when empty or None.
+    ``n_paraphrases == 0``. ``model_fingerprint`` identifies the model's weights for the cache key (e.g.
+    ``ModelIdentity.fingerprint``); :func:`ftedit.cache.model_fingerprint` when empty or None.
     """
     config = config or AugmentConfig()
     config.validate()
@@ -531,10 +510,11 @@ def build_training_set(model, tok, requests: Sequence[EditRequest], config: Augm
         raise ValueError("pseudo-paraphrases are sampled from the model: pass the unedited model")
     if not config.cache:
         return _build(model, tok, requests, config, pool, progress)
-    needs_model = config.n_paraphrases > 0
-    fp = (model_fingerprint or fingerprint_model(model, tok)) if needs_model else ""
-    device = str(_model_device(model)) if needs_model else ""
-    path = augment_cache_path(augment_cache_key(requests, config, pool, fp, device))
+    identity = None
+    if config.n_paraphrases:
+        identity = {"fingerprint": model_fingerprint or cache_model_fingerprint(model),
+                    "tokenizer": tokenizer_key(tok), "device": str(_model_device(model))}
+    path = augment_cache_path(requests, config, pool, identity)
     cached = _read_cache(path)
     if cached is not None:
         logger.info("augmentation cache hit: %s (%d examples)", path, len(cached))

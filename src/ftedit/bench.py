@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
+from ftedit.cache import file_digest
 from ftedit.config import ConfigError, parse_assignments, recipe_names, resolve_config
 from ftedit.methods import AppliedEdit, apply_method, method_names
 
@@ -172,17 +173,11 @@ def _needs_pool(config: dict[str, Any] | None, method: str) -> bool:
 
 
 def _file_digest(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path) if path and Path(path).is_file() else None
 
 
 def model_key(spec: str) -> dict[str, str]:
-    """Identity of a model spec without loading it: the fingerprint ``load_model`` records (GGUF/config hash)."""
+    """Identity of a model spec without loading it: the fingerprint ``load_model`` records (GGUF or weight-file hash)."""
     from ftedit.models import _resolve
 
     source, name_or_path, fingerprint = _resolve(spec)

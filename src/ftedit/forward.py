@@ -121,21 +121,75 @@ def per_example_nll(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor,
     return -summed / counts.clamp_min(1), summed
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: nothing after the hooked module is needed."""
+
+
+def run_until_stopped(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """``model``'s forward (no KV cache), ending quietly where a hook raises :class:`StopForward`."""
+    with contextlib.suppress(StopForward):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def tapped(module: nn.Module, side: str = "output", stop: bool = True):
+    """Record ``module``'s input (first argument) or output (first element) of each forward in the yielded
+    dict under ``"x"``, and under ``"tuple"`` whether its output is a tuple; with ``stop`` the forward ends
+    right after ``module`` (run it with :func:`run_until_stopped`)."""
+    box: dict = {}
+
+    def hook(mod, args, kwargs, output):
+        box["x"] = (args[0] if args else kwargs["hidden_states"]) if side == "input" else _first(output)
+        box["tuple"] = isinstance(output, tuple)
+        if stop:
+            raise StopForward
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def hidden_entering(model: nn.Module, blocks: nn.ModuleList, k: int, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, stop: bool = True) -> tuple[torch.Tensor, bool]:
+    """The hidden states entering block ``k`` (``k >= 1``: block ``k - 1``'s output) and whether the blocks
+    return tuples. ``stop=False`` lets the forward finish (a sharded model's units must)."""
+    with tapped(blocks[k - 1], "output", stop) as box:
+        run_until_stopped(model, input_ids, attention_mask)
+    return box["x"], box["tuple"]
 
 
 class _Injected(nn.Module):
-    """Stands in for every frozen prefix block and returns the cached hidden states of the current batch."""
+    """Stands in for every prefix block and returns the cached hidden states of the current batch."""
 
-    def __init__(self, as_tuple: bool):
+    def __init__(self, value: torch.Tensor, as_tuple: bool):
         super().__init__()
-        self.as_tuple = as_tuple
-        self.value: torch.Tensor | None = None
+        self.value, self.as_tuple = value, as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
         out = self.value.to(hidden_states.dtype)
         return (out,) if self.as_tuple else out
+
+
+@contextlib.contextmanager
+def prefix_replaced(blocks: nn.ModuleList, k: int, hidden: torch.Tensor, as_tuple: bool):
+    """Blocks ``0..k-1`` replaced by ``hidden`` (the states entering block ``k``): forwards inside run only
+    blocks ``k..``. The real blocks are put back on exit."""
+    saved = [blocks[i] for i in range(k)]
+    injected = _Injected(hidden, as_tuple)
+    for i in range(k):
+        blocks[i] = injected
+    try:
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
 
 
 class PrefixActivations:
@@ -161,34 +215,16 @@ class PrefixActivations:
     def _capture(self, pairs, batch_size: int) -> None:
         from ftedit.tokenization import pad_right
 
-        captured: dict[str, torch.Tensor] = {}
-        # the suffix is not needed for capturing, except that a sharded model's units must finish their
-        # forward (FSDP reshards in its post-forward hooks)
-        stop = not is_sharded(self.model)
-
-        def grab(module, args, kwargs):
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
-            if stop:
-                raise _StopForward
-
-        def kind(module, args, output):
-            self.as_tuple = isinstance(output, tuple)
-
         device = next(self.model.parameters()).device
-        handles = [self.blocks[self.k].register_forward_pre_hook(grab, with_kwargs=True),
-                   self.blocks[self.k - 1].register_forward_hook(kind)]
-        try:
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
-                batch = pad_right(chunk, self.pad_token_id).to(device)
-                with contextlib.suppress(_StopForward):
-                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                h = captured.pop("h")
-                dtype = self.storage_dtype or h.dtype
-                self.hidden += [h[i, :len(p.input_ids)].to(dtype) for i, p in enumerate(chunk)]
-        finally:
-            for handle in handles:
-                handle.remove()
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = pad_right(chunk, self.pad_token_id).to(device)
+            # the suffix is not needed, except that a sharded model's units must finish their forward
+            # (FSDP reshards in its post-forward hooks)
+            h, self.as_tuple = hidden_entering(self.model, self.blocks, self.k, batch.input_ids,
+                                               batch.attention_mask, stop=not is_sharded(self.model))
+            dtype = self.storage_dtype or h.dtype
+            self.hidden += [h[i, :len(p.input_ids)].to(dtype) for i, p in enumerate(chunk)]
 
     def stacked(self, indices: list[int], width: int, device) -> torch.Tensor:
         rows = [self.hidden[i] for i in indices]
@@ -203,13 +239,6 @@ class PrefixActivations:
 
         device = next(self.model.parameters()).device
         batch = pad_right(pairs, self.pad_token_id).to(device)
-        injected = _Injected(self.as_tuple)
-        injected.value = self.stacked(indices, batch.input_ids.shape[1], device)
-        saved = [self.blocks[i] for i in range(self.k)]
-        for i in range(self.k):
-            self.blocks[i] = injected
-        try:
+        with prefix_replaced(self.blocks, self.k, self.stacked(indices, batch.input_ids.shape[1], device),
+                             self.as_tuple):
             return per_example_nll(self.model, batch)
-        finally:
-            for i, block in enumerate(saved):
-                self.blocks[i] = block

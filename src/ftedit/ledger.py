@@ -1,6 +1,6 @@
 """The edit ledger: an append-only JSONL record of every edit a model carries.
 
-Each line is one edit: its request hash (:func:`ftedit.outputs.request_hash`), the fact (prompt, subject,
+Each line is one edit: its request hash (:func:`ftedit.data.requests.request_hash`), the fact (prompt, subject,
 target), how it was written (method, recipe, config hash), when, and the identity of the model it was written
 into. ``save_edit`` writes ``ledger.jsonl`` beside the edited model (and inside ``model/`` or ``adapter/``, so
 the history travels with the weights). Editing an edited model copies its ledger line for line and appends the
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ftedit.atomic import write_bytes_atomic
-from ftedit.data.requests import EditRequest
+from ftedit.data.requests import EditRequest, request_hash
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class LedgerEntry:
     target_true: str | None
     relation_id: str | None
     case_id: str | int | None
-    method: str  # "full" or "lora" (or a baseline's name)
-    recipe: str
+    method: str  # how the weights changed: "full" or "lora" (a manifest's touched.weights)
+    recipe: str  # the registered method that wrote the edit (recipe or baseline; a manifest's method)
     config_hash: str  # sha256 of the resolved config, so runs with the same settings can be grouped
     time: str  # UTC, ISO 8601
     run: str  # one id per edit run: the edits written together
@@ -88,8 +88,6 @@ def history_digest(entries: Iterable[LedgerEntry]) -> str:
 def new_entries(requests: Sequence[EditRequest], *, method: str, recipe: str, config: dict[str, Any],
                 parent: dict[str, Any], earlier: Sequence[LedgerEntry] = (),
                 when: float | None = None, adapter: str = "") -> list[LedgerEntry]:
-    from ftedit.outputs import request_hash
-
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when if when is not None else time.time()))
     chash = config_hash(config)
     previous = history_digest(earlier) if earlier else ""

@@ -15,7 +15,6 @@ rank, and a small sample ranks with less noise than the 0/1 rates give.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -31,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic, write_json_atomic
+from ftedit.cache import cache_path
 from ftedit.config import EditConfig, LocateConfig, resolve_config
-from ftedit.data.requests import EditRequest
+from ftedit.data.requests import EditRequest, request_hash
 from ftedit.evaluate.common import harmonic_mean, mean, percent
-from ftedit.models import cache_dir
 from ftedit.params import GROUPS, block_roles, find_blocks, parse_layers
 
 logger = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
           per_model_cache: bool = False) -> SweepResult:
     """Run the search of ``locate`` (default ``base.locate``) and return every trial and the best location.
 
-    Results are cached under ``cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
+    Results are cached under ``ftedit.cache.cache_dir()/locate`` when the model fingerprint is given and ``locate.cache``
     is on, keyed by fingerprint, settings and the sampled edits; ``per_model_cache`` leaves the edits out of
     the key, so any later edit of the same model with the same settings reuses the search.
     """
@@ -253,11 +252,7 @@ def _n_trials(n: int, budgets: list[int], eta: int) -> int:
 
 
 def _cache_path(fingerprint: str, settings: dict[str, Any], sample: list[EditRequest]) -> Path:
-    from ftedit.outputs import request_hash
-
-    payload = json.dumps({"model": fingerprint, "settings": settings,
-                          "edits": [request_hash(r) for r in sample]}, sort_keys=True, default=str)
-    return cache_dir() / "locate" / f"{hashlib.sha256(payload.encode()).hexdigest()[:20]}.json"
+    return cache_path("locate", model=fingerprint, settings=settings, edits=[request_hash(r) for r in sample])
 
 
 def scorable(requests: Sequence[EditRequest]) -> bool:

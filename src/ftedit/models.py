@@ -17,15 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from platformdirs import user_cache_dir
 
 from ftedit.atomic import atomic_directory
+from ftedit.cache import cache_dir, cache_path, file_digest, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +45,18 @@ class ModelIdentity:
     """What a result file records about the model it was computed on."""
 
     spec: str
-    source: str  # "hub", "local", "gguf", "bundled", "in-memory"
+    source: str  # "hub", "local", "gguf", "bundled", "in-memory", "adapter" (a peft adapter on its base)
     name_or_path: str
     model_class: str
     num_parameters: int
     dtype: str
-    fingerprint: str = ""  # sha256 of the GGUF file, or of config.json for HF directories
+    # names the weights: sha256 of the GGUF file, of an HF directory's config and weight files, or of the
+    # weights in memory (ftedit.cache.model_fingerprint)
+    fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def cache_dir() -> Path:
-    """Root of ftedit's cache (dequantized GGUF models, augmentation, sweeps). ``FTEDIT_CACHE`` overrides."""
-    return Path(os.environ.get("FTEDIT_CACHE") or user_cache_dir("ftedit"))
 
 
 def default_device() -> torch.device:
@@ -83,14 +79,6 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)} or 'auto'")
     return table[name]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundled_gguf_path(name: str) -> Path:
@@ -126,8 +114,8 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     """Dequantize a GGUF file once into a safetensors HF directory under the cache; return (dir, sha256)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = sha256_file(gguf_path)
-    target = cache_dir() / "dequantized" / f"{gguf_path.stem}-{digest[:16]}"
+    digest = file_digest(gguf_path)
+    target = cache_path("dequantized", suffix="", gguf_sha256=digest)
     if (target / "config.json").exists() and (target / "ftedit_source.json").exists():
         return target, digest
     logger.info("dequantizing %s once into %s (later loads read the cache)", gguf_path, target)
@@ -147,6 +135,12 @@ def dequantized_gguf_dir(gguf_path: Path) -> tuple[Path, str]:
     return target, digest
 
 
+def _directory_digest(path: Path) -> str:
+    """sha256 over an HF directory's config and weight files (a config alone does not tell checkpoints apart)."""
+    files = [path / "config.json", *sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))]
+    return hashlib.sha256("".join(f"{f.name}:{file_digest(f)}" for f in files).encode()).hexdigest()
+
+
 def _resolve(spec: str) -> tuple[str, str, str]:
     """Map a model spec to (source, path-or-name to pass to from_pretrained, fingerprint)."""
     if spec in BUNDLED_MODELS:
@@ -161,7 +155,7 @@ def _resolve(spec: str) -> tuple[str, str, str]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model")
-        return "local", str(path), hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+        return "local", str(path), _directory_digest(path)
     if path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a GGUF file or an HF directory")
     return "hub", spec, ""
@@ -204,6 +198,49 @@ def is_quantized(model) -> bool:
                                                                     or getattr(model, "is_loaded_in_8bit", False))
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A peft adapter directory (``ftedit edit --save adapter`` writes ``OUT/adapter``)."""
+    path = Path(str(path)).expanduser()
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter was trained on (``base_model_name_or_path`` of its adapter_config.json)."""
+    config = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config}: not a readable adapter config ({e})") from e
+    if not base:
+        raise ModelLoadError(f"{config} names no base_model_name_or_path: load its base model yourself and "
+                             "apply the adapter with peft's PeftModel.from_pretrained")
+    return base
+
+
+def freeze(model) -> None:
+    """Evaluation mode, no parameter trainable."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def load_adapter_model(path: str | Path, base_model: str | None = None, **load_kwargs):
+    """``(PeftModel, tokenizer, identity)``: an adapter directory on its base model (loaded by :func:`load_model`)."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    base_spec = base_model or adapter_base(path)
+    base, tok, identity = load_model(base_spec, **load_kwargs)
+    model = PeftModel.from_pretrained(base, str(path))
+    freeze(model)
+    identity.extra = {**identity.extra, "adapter": str(path), "base_spec": base_spec}
+    identity.spec, identity.source = str(path), "adapter"
+    return model, tok, identity
+
+
 def load_model(
     spec: str = "demo",
     device: str | torch.device | None = None,
@@ -221,8 +258,6 @@ def load_model(
     bitsandbytes (CUDA only); train LoRA adapters on them (``params.method=lora``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftedit.adapters import is_adapter_dir, load_adapter_model
 
     if is_adapter_dir(spec):  # a peft adapter directory (`ftedit edit --save adapter`): its base + the adapter
         return load_adapter_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -264,7 +299,6 @@ def load_model(
 def identity_of(model, spec: str = "in-memory") -> ModelIdentity:
     """Identity for a model object the caller built or loaded themselves."""
     cfg = getattr(model, "config", None)
-    fp = hashlib.sha256(cfg.to_json_string().encode()).hexdigest() if cfg is not None else ""
     return ModelIdentity(
         spec=spec,
         source="in-memory",
@@ -272,5 +306,5 @@ def identity_of(model, spec: str = "in-memory") -> ModelIdentity:
         model_class=type(model).__name__,
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        fingerprint=fp,
+        fingerprint=model_fingerprint(model),
     )

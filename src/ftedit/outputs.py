@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ import yaml
 from ftedit import __version__
 from ftedit.adapters import SAVED_ALONE
 from ftedit.atomic import atomic_directory, write_json_atomic
-from ftedit.data.requests import EditRequest
+from ftedit.data.requests import EditRequest, request_hash
 from ftedit.ledger import LEDGER_NAME, LedgerEntry, new_entries, write_ledger
 from ftedit.registry import AppliedEdit
 
@@ -43,11 +42,6 @@ def check_existing(out: Path, overwrite: bool, resume: bool) -> None:
         return
     hint = " or --resume to continue it" if (out / CHECKPOINT_DIR).is_dir() else ""
     raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{hint}")
-
-
-def request_hash(request: EditRequest) -> str:
-    """Stable identity of an edit: prompt and new target (what the model is asked to say)."""
-    return hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).hexdigest()[:16]
 
 
 def build_manifest(applied: AppliedEdit, requests: Sequence[EditRequest], base_identity: dict[str, Any],

@@ -51,16 +51,25 @@ class Target:
     module: nn.Module
 
 
-def is_linear(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight transposed, ``[in, out]``."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, nn.Linear | Conv1D)
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``[d_out, d_in]`` (a view: writing to it writes the weight)."""
+    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    # GPT-2's Conv1D stores the weight transposed: [in, out].
-    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+    d_out, d_in = weight_out_in(module).shape
+    return d_in, d_out
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

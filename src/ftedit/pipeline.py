@@ -16,6 +16,7 @@ import torch
 from ftedit.checkpoint import Checkpoints, run_fingerprint
 from ftedit.config import EditConfig
 from ftedit.data.loaders import load_pool_facts, load_requests
+from ftedit.data.requests import request_hash
 from ftedit.distributed import DataParallel, full_state_dict, shard_model
 from ftedit.evaluate import compare, evaluate_requests
 from ftedit.ledger import check_conflicts, find_ledger
@@ -26,7 +27,6 @@ from ftedit.outputs import (
     build_manifest,
     check_existing,
     check_out_dir,
-    request_hash,
     save_edit,
 )
 from ftedit.registry import ApplyContext, MethodSpec, get_method

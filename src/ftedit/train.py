@@ -143,9 +143,16 @@ def batch_loss(score: Scorer, idx: list[int], objective: ObjectiveConfig, ref: d
         rejected_logp = score([idx[k] for k in dpo], "rejected")[1]
         ref_c = torch.tensor([ref[idx[k]][0] for k in dpo], device=score.device)
         ref_r = torch.tensor([ref[idx[k]][1] for k in dpo], device=score.device)
-        margin = (chosen_logp[dpo] - ref_c) - (rejected_logp - ref_r)
-        loss = loss + objective.dpo_weight * -F.logsigmoid(objective.dpo_beta * margin).mean()
+        loss = loss + dpo_loss(chosen_logp[dpo], rejected_logp, ref_c, ref_r, objective)
     return loss
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             objective: ObjectiveConfig) -> torch.Tensor:
+    """``dpo_weight`` times the mean DPO loss ``-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`` of
+    summed answer log-probs under the edited (pi) and the unedited (ref) model."""
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return objective.dpo_weight * -F.logsigmoid(objective.dpo_beta * margin).mean()
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -158,15 +165,37 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw, adam or sgd")
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     mode = cfg.mixed_precision
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if mode == "no":
-        return nullcontext()
-    if mode != "bf16":
+    if mode not in ("bf16", "no"):
         raise ValueError(f"mixed_precision={mode!r}: use 'auto', 'bf16' or 'no' (fp16 would need loss scaling)")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return mode == "bf16"
+
+
+def _autocast(enabled: bool, device: torch.device):
+    # autocast caches the bf16 copy of each trainable (leaf) weight until its context exits, so with one context
+    # around the whole loop every step after the first would run on stale weights: no cache.
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if enabled else nullcontext()
+
+
+@contextmanager
+def _fp32_master_weights(params: list[nn.Parameter], enabled: bool):
+    """Train low-precision weights as fp32 copies (optimizer state included), and give them back in their dtype.
+
+    Under autocast the forward casts them as needed; without the copies, updates smaller than a bf16 weight's
+    rounding step would be lost.
+    """
+    dtypes = [p.dtype for p in params]
+    if enabled:
+        for p in params:
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p, dtype in zip(params, dtypes, strict=True):
+            p.data = p.data.to(dtype)
 
 
 class Stepper:
@@ -246,7 +275,9 @@ def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Param
     model.eval()  # editing is deterministic: no dropout
     run = _train_breadth if cfg.pipeline == "breadth" else _train_depth
     start = time.perf_counter()
-    with _autocast(cfg, device), _checkpointed_blocks(model, cfg.gradient_checkpointing, prefix_layers):
+    bf16 = _use_bf16(cfg, device)
+    with _autocast(bf16, device), _fp32_master_weights(params, bf16), \
+            _checkpointed_blocks(model, cfg.gradient_checkpointing, prefix_layers):
         # cache and DPO reference in the same precision as training
         score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0,
                        cfg.batch_size)

@@ -24,8 +24,18 @@ from torch import nn
 
 from ftedit.config import merge_sources
 from ftedit.data.requests import EditRequest
-from ftedit.forward import apply_head, body_hidden, label_positions, lm_parts, model_device
-from ftedit.params import Target, find_blocks, parse_layers, select_targets
+from ftedit.forward import (
+    apply_head,
+    body_hidden,
+    hidden_entering,
+    label_positions,
+    lm_parts,
+    model_device,
+    prefix_replaced,
+    run_until_stopped,
+    tapped,
+)
+from ftedit.params import Target, find_blocks, parse_layers, select_targets, weight_out_in
 from ftedit.registry import AppliedEdit, ApplyContext, TouchedModule
 from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
 
@@ -73,15 +83,6 @@ class ValueConfig:
 
 def down_proj(model: nn.Module, layer: int) -> Target:
     return select_targets(model, [layer], "down")[0]
-
-
-def _transposed(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[d_out, d_in]`` (a view: writing to it writes the weight)."""
-    return module.weight.T if _transposed(module) else module.weight
 
 
 @torch.no_grad()
@@ -182,14 +183,6 @@ def essence_probe(tok, subject: str) -> Probe:
 # ------------------------------------------------------------------------------------------ reading activations
 
 
-class _Stop(Exception):
-    pass
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def activations_at(model: nn.Module, tok, probes: Sequence[Probe], module: nn.Module, side: str = "input",
                    batch_size: int = 32) -> torch.Tensor:
@@ -199,24 +192,14 @@ def activations_at(model: nn.Module, tok, probes: Sequence[Probe], module: nn.Mo
     """
     device = model_device(model)
     rows: list[torch.Tensor] = []
-    grabbed: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args, output):
-        grabbed["x"] = args[0] if side == "input" else _first(output)
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with tapped(module, side) as grabbed:
         for start in range(0, len(probes), batch_size):
             chunk = probes[start:start + batch_size]
             batch = pad_right([p.pair for p in chunk], tok.pad_token_id).to(device)
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            run_until_stopped(model, batch.input_ids, batch.attention_mask)
             x = grabbed.pop("x")
             rows.append(x[torch.arange(len(chunk), device=device), torch.tensor([p.position for p in chunk],
                                                                                  device=device)].float())
-    finally:
-        handle.remove()
     return torch.cat(rows)
 
 
@@ -229,35 +212,6 @@ def mean_keys(model, tok, requests: Sequence[EditRequest], prefixes: Sequence[st
 
 
 # ------------------------------------------------------------------------------------------ the value optimization
-
-
-class _Injected(nn.Module):
-    """Replaces the blocks below the edited layer: returns the cached hidden states entering the first live one."""
-
-    def __init__(self, value: torch.Tensor, as_tuple: bool):
-        super().__init__()
-        self.value, self.as_tuple = value, as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (self.value,) if self.as_tuple else self.value
-
-
-def _hidden_entering(model, blocks: nn.ModuleList, k: int, ids, mask) -> tuple[torch.Tensor | None, bool]:
-    if k == 0:
-        return None, False
-    grabbed: dict[str, Any] = {}
-
-    def hook(mod, args, output):
-        grabbed["h"], grabbed["tuple"] = _first(output).detach(), isinstance(output, tuple)
-        raise _Stop
-
-    handle = blocks[k - 1].register_forward_hook(hook)
-    try:
-        with torch.no_grad(), contextlib.suppress(_Stop):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
-    return grabbed["h"], grabbed["tuple"]
 
 
 @contextlib.contextmanager
@@ -294,28 +248,22 @@ class ValueProblem:
         self.cols = torch.tensor([p.position for p in probes], device=device)
         self.parts = lm_parts(model)  # verified with the real blocks in place
         _, self.blocks = find_blocks(model)
-        self.cached, self.as_tuple = _hidden_entering(model, self.blocks, layer, self.batch.input_ids,
-                                                      self.batch.attention_mask)
+        self.cached, self.as_tuple = (None, False) if layer == 0 else hidden_entering(
+            model, self.blocks, layer, self.batch.input_ids, self.batch.attention_mask)
         self.initial: torch.Tensor | None = None  # the down output at the bare prompt before any delta
 
     @contextlib.contextmanager
     def _delta_applied(self, delta: torch.Tensor):
-        saved = [self.blocks[i] for i in range(self.layer)]
-
         def hook(mod, args, output):
             if self.initial is None:
                 self.initial = output[0, self.cols[0]].detach().float()
             return output.index_put((self.rows, self.cols), output[self.rows, self.cols] + delta)
 
         handle = down_proj(self.model, self.layer).module.register_forward_hook(hook)
-        injected = _Injected(self.cached, self.as_tuple)
-        for i in range(self.layer):
-            self.blocks[i] = injected
         try:
-            yield
+            with prefix_replaced(self.blocks, self.layer, self.cached, self.as_tuple):
+                yield
         finally:
-            for i, block in enumerate(saved):
-                self.blocks[i] = block
             handle.remove()
 
     def log_probs(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -392,18 +340,15 @@ def post_mlp_module(model: nn.Module, layer: int) -> nn.Module | None:
         if args and "out" in seen and args[0] is seen["out"]:
             found.append(mod)
 
-    def stop(mod, args, output):
-        raise _Stop
-
     block_prefix = target.name.split(f".{layer}.", 1)[0] + f".{layer}."
-    handles = [target.module.register_forward_hook(grab), blocks[layer].register_forward_hook(stop)]
+    handles = [target.module.register_forward_hook(grab)]
     for name, mod in model.named_modules():
         if name.startswith(block_prefix) and not name.startswith(prefix) and name != target.name:
             handles.append(mod.register_forward_pre_hook(check))
     ids = torch.tensor([[1, 2, 3]], device=model_device(model)) % model.config.get_text_config().vocab_size
     try:
-        with contextlib.suppress(_Stop):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        with tapped(blocks[layer]):
+            run_until_stopped(model, ids, torch.ones_like(ids))
     finally:
         for h in handles:
             h.remove()

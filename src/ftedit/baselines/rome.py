@@ -29,11 +29,10 @@ from ftedit.baselines.common import (
     mean_keys,
     method_entry,
     resolve_layers,
-    weight_out_in,
 )
 from ftedit.baselines.stats import StatsConfig, mom2
 from ftedit.data.requests import EditRequest
-from ftedit.params import find_blocks
+from ftedit.params import find_blocks, weight_out_in
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ AlphaEdit projects updates onto ``C``'s null space. The originals use 100,000 Wi
 corpus is configurable: a local file (JSONL/JSON with a text field, TXT with one text per line, CSV with a
 text column) or a Hugging Face dataset ``hf:NAME`` / ``hf:NAME@CONFIG`` (streamed, e.g. ``hf:wikitext@wikitext-
 103-raw-v1`` or ``hf:wikipedia@20220301.en``). Results are cached per (model fingerprint, layer, module,
-corpus, sample count, max length) as safetensors under ``ftedit.models.cache_dir() / "mom2"``.
+corpus, sample count, max length, weight dtype) as safetensors under ``ftedit.cache.cache_dir() / "mom2"``.
 
 Special tokens (BOS, padding) are left out of the statistics: an edit's key is never one of them, and
 Gemma's BOS activations are outliers large enough to dominate ``C``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -29,8 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ftedit.atomic import write_bytes_atomic
-from ftedit.forward import model_device
-from ftedit.models import cache_dir, sha256_file
+from ftedit.cache import cache_path, file_digest, model_fingerprint
+from ftedit.forward import model_device, run_until_stopped, tapped
 from ftedit.params import Target
 
 logger = logging.getLogger(__name__)
@@ -145,24 +144,17 @@ def corpus_id(cfg: StatsConfig) -> str:
     path = Path(cfg.corpus)
     if not path.is_file():
         raise CorpusError(f"statistics corpus not found: {path} (set stats.corpus to a file or hf:NAME)")
-    return f"{path.stem}-{sha256_file(path)[:12]}-{cfg.text_field}"
+    return f"{path.stem}-{file_digest(path)[:12]}-{cfg.text_field}"
 
 
 # ------------------------------------------------------------------------------------------ fingerprint and cache
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the model (config and every weight), for when the caller has no identity fingerprint."""
-    h = hashlib.sha256(model.config.to_json_string().encode())
-    for name, p in model.state_dict().items():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_path(fingerprint: str, target: Target, cfg: StatsConfig) -> Path:
-    name = f"{target.name}-{corpus_id(cfg)}-n{cfg.n_samples}-len{cfg.max_length}.safetensors"
-    return cache_dir() / "mom2" / fingerprint[:24] / name
+def stats_path(fingerprint: str, target: Target, cfg: StatsConfig) -> Path:
+    """The cache file of ``target``'s statistics on the model ``fingerprint`` identifies."""
+    return cache_path("mom2", suffix=".safetensors", model=fingerprint, module=target.name,
+                      dtype=str(target.module.weight.dtype), corpus=corpus_id(cfg), n_samples=cfg.n_samples,
+                      max_length=cfg.max_length)
 
 
 def _load(path: Path) -> torch.Tensor | None:
@@ -176,10 +168,6 @@ def _load(path: Path) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------ collection
-
-
-class _Stop(Exception):
-    pass
 
 
 class _Accumulator:
@@ -209,37 +197,25 @@ def collect(model: nn.Module, tok, targets: Sequence[Target], cfg: StatsConfig,
     """``E[k kᵀ]`` of each target's input over the corpus, in one pass; returns (by module name, token count)."""
     device = model_device(model)
     accs = {t.name: _Accumulator() for t in targets}
-    mask_box: dict[str, torch.Tensor] = {}
     last = max(targets, key=lambda t: t.layer)
-
-    def hook_for(target: Target):
-        def hook(mod, args):
-            x = args[0]
-            accs[target.name].add(x[mask_box["m"]])
-            if target is last:
-                raise _Stop
-        return hook
-
-    handles = [t.module.register_forward_pre_hook(hook_for(t)) for t in targets]
     special = torch.tensor(_special_ids(tok), device=device)
     texts = list(corpus_texts(cfg))
     if not texts:
         raise CorpusError(f"{cfg.corpus}: no non-empty texts")
     bar = tqdm(total=len(texts), desc="mom2 statistics", unit="text", disable=not progress)
-    try:
+    with contextlib.ExitStack() as stack:
+        # the layers above the last target are not needed
+        boxes = {t.name: stack.enter_context(tapped(t.module, "input", stop=t is last)) for t in targets}
+        stack.callback(bar.close)
         for start in range(0, len(texts), cfg.batch_size):
             chunk = texts[start:start + cfg.batch_size]
             enc = tok(chunk, add_special_tokens=True, truncation=True, max_length=cfg.max_length,
                       padding=True, return_tensors="pt").to(device)
             keep = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
-            mask_box["m"] = keep
-            with contextlib.suppress(_Stop):  # the layers above the last target are not needed
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+            run_until_stopped(model, enc["input_ids"], enc["attention_mask"])
+            for name, box in boxes.items():
+                accs[name].add(box.pop("x")[keep])
             bar.update(len(chunk))
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
     tokens = next(iter(accs.values())).count
     return {name: acc.mean() for name, acc in accs.items()}, tokens
 
@@ -254,7 +230,7 @@ def mom2(model: nn.Module, tok, targets: Sequence[Target], cfg: StatsConfig, fin
     out: dict[int, torch.Tensor] = {}
     missing: list[Target] = []
     for t in targets:
-        cached = _load(cache_path(fingerprint, t, cfg))
+        cached = _load(stats_path(fingerprint, t, cfg))
         if cached is None:
             missing.append(t)
         else:
@@ -268,7 +244,7 @@ def mom2(model: nn.Module, tok, targets: Sequence[Target], cfg: StatsConfig, fin
             meta = {"module": t.name, "layer": str(t.layer), "corpus": cfg.corpus, "corpus_id": corpus_id(cfg),
                     "n_samples": str(cfg.n_samples), "max_length": str(cfg.max_length), "tokens": str(tokens),
                     "fingerprint": fingerprint}
-            write_bytes_atomic(cache_path(fingerprint, t, cfg),
+            write_bytes_atomic(stats_path(fingerprint, t, cfg),
                                save_safetensors({"mom2": collected[t.name].contiguous()}, metadata=meta))
             out[t.layer] = collected[t.name]
     return out

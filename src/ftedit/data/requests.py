@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,3 +61,8 @@ class EditRequest:
             relation_id=d.get("relation_id"),
             origin=Origin(**d["origin"]) if d.get("origin") else Origin(),
         )
+
+
+def request_hash(request: EditRequest) -> str:
+    """Stable identity of an edit: prompt and new target (what the model is asked to say)."""
+    return hashlib.sha256(f"{request.prompt}\x1f{request.target_new}".encode()).hexdigest()[:16]

@@ -48,6 +48,22 @@ def check_policy(missing: str) -> None:
         raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
 
 
+def check_requests(requests: Sequence[EditRequest], missing: str) -> None:
+    if not requests:
+        raise EvaluationError("no requests to evaluate")
+    check_policy(missing)
+
+
+def check_prompts(req: EditRequest, position: int, missing: str, metric: dict[str, str]) -> None:
+    """With ``missing="error"``, raise naming a record without paraphrase or neighborhood prompts."""
+    if missing == "count":
+        return
+    for kind, items in (("paraphrase", req.paraphrase_prompts), ("neighborhood", req.neighborhood)):
+        if not items:
+            raise EvaluationError(f"{describe(req, position)} has no {kind} prompts; pass missing='count' to "
+                                  f"average {metric[kind]} over the records that have them")
+
+
 def is_finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

@@ -25,7 +25,8 @@ from typing import Any
 from ftedit.data.requests import EditRequest
 from ftedit.evaluate.common import (
     EvaluationError,
-    check_policy,
+    check_prompts,
+    check_requests,
     describe,
     mean,
     summarize,
@@ -45,7 +46,7 @@ class _Plan:
 
 def validate(requests: Sequence[EditRequest], missing: str = "error") -> None:
     """Raise :class:`EvaluationError` naming the first record this protocol cannot score."""
-    check_policy(missing)
+    check_requests(requests, missing)
     for pos, req in enumerate(requests):
         if not req.target_true:
             raise EvaluationError(f"{describe(req, pos)} has no target_true: the COUNTERFACT protocol compares "
@@ -54,11 +55,7 @@ def validate(requests: Sequence[EditRequest], missing: str = "error") -> None:
             if nb.target.strip() != req.target_true.strip():
                 raise EvaluationError(f"{describe(req, pos)}: neighborhood prompt {nb.prompt!r} has target "
                                       f"{nb.target!r}, not the record's target_true {req.target_true!r}")
-        if missing == "error":
-            for kind, items in (("paraphrase", req.paraphrase_prompts), ("neighborhood", req.neighborhood)):
-                if not items:
-                    raise EvaluationError(f"{describe(req, pos)} has no {kind} prompts; pass missing='count' to "
-                                          f"average {METRIC[kind]} over the records that have them")
+        check_prompts(req, pos, missing, METRIC)
 
 
 def _prompts(req: EditRequest) -> dict[str, list[str]]:
@@ -117,8 +114,6 @@ def evaluate_counterfact(
     missing: str = "error",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(summary, per-record details)`` under the ROME/MEMIT COUNTERFACT protocol (summary values x100)."""
-    if not requests:
-        raise EvaluationError("no requests to evaluate")
     validate(requests, missing)
     plan = _plan(requests)
     scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact")

@@ -24,9 +24,8 @@ from typing import Any
 
 from ftedit.data.requests import EditRequest
 from ftedit.evaluate.common import (
-    EvaluationError,
-    check_policy,
-    describe,
+    check_prompts,
+    check_requests,
     mean,
     summarize,
 )
@@ -39,17 +38,6 @@ METRIC = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood":
 def loc_prompt(prompt: str) -> str:
     """The neighborhood prompt as MEMIT's ``dsets/zsre.py`` forms it: ``loc + "?"``."""
     return prompt if prompt.rstrip().endswith("?") else prompt + "?"
-
-
-def validate(requests: Sequence[EditRequest], missing: str = "error") -> None:
-    check_policy(missing)
-    if missing == "count":
-        return
-    for pos, req in enumerate(requests):
-        for kind, items in (("paraphrase", req.paraphrase_prompts), ("neighborhood", req.neighborhood)):
-            if not items:
-                raise EvaluationError(f"{describe(req, pos)} has no {kind} prompts; pass missing='count' to "
-                                      f"average {METRIC[kind]} over the records that have them")
 
 
 def _pairs(req: EditRequest) -> dict[str, list[tuple[str, str]]]:
@@ -84,9 +72,9 @@ def evaluate_zsre(
     missing: str = "error",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(summary, per-record details)`` under the MEMIT ZsRE protocol (summary values x100)."""
-    if not requests:
-        raise EvaluationError("no requests to evaluate")
-    validate(requests, missing)
+    check_requests(requests, missing)
+    for pos, req in enumerate(requests):
+        check_prompts(req, pos, missing, METRIC)
     per_record = [_pairs(req) for req in requests]
     flat = [pair for rec in per_record for kind in KINDS for pair in rec[kind]]
     scores = iter(score_pairs(model, tok, flat, batch_size=batch_size, progress=progress, desc="zsre"))

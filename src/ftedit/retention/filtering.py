@@ -41,10 +41,6 @@ class MentionFilter:
     def mentions(self, text: str) -> bool:
         return bool(self._pattern and self._pattern.search(text))
 
-    def mentioned(self, text: str) -> list[str]:
-        """The terms found in ``text`` (for reports and debugging)."""
-        return [m.group(0) for m in self._pattern.finditer(text)] if self._pattern else []
-
     def keep(self, items: Iterable, text_of) -> tuple[list, int]:
         """Items whose text (``text_of(item)``) mentions no term, and how many were removed."""
         kept, removed = [], 0
