@@ -99,7 +99,7 @@ def test_depth_first_trains_each_edit_in_turn(llama_model, llama_tok):
 
 def test_lora_trains_only_adapters_and_merges(llama_model, llama_tok):
     original = copy.deepcopy(llama_model.state_dict())
-    cfg = _config(params={"method": "lora", "lora_r": 4, "lora_alpha": 8, "modules": "down"})
+    cfg = _config(params={"method": "lora", "modules": "down"}, lora={"r": 4, "alpha": 8})
     result = edit(llama_model, llama_tok, REQUESTS, cfg, progress=False)
     assert all("lora_" in n for n in result._attached.params)
     assert result.trainable_parameters == sum(p.numel() for p in result._attached.params.values())
@@ -214,7 +214,7 @@ def test_lora_adapter_saves_and_reloads_with_peft(tmp_path, llama_model, llama_t
     pair = encode_examples(llama_tok, [TrainingExample(REQUESTS[0].prompt, REQUESTS[0].target_new)],
                            ObjectiveConfig())[0].chosen
     batch = pad_right([pair], llama_tok.pad_token_id)
-    cfg = _config(params={"method": "lora", "lora_r": 4, "modules": "down"}, train={"epochs": 5})
+    cfg = _config(params={"method": "lora", "modules": "down"}, lora={"r": 4}, train={"epochs": 5})
     result = apply_recipe(llama_model, llama_tok, REQUESTS, cfg, ApplyContext(progress=False))
     assert result.weights == "lora" and result.merge is not None
     expected = per_example_nll(result.model, batch)[0]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ftedit.augment import build_training_set
 from ftedit.checkpoint import Checkpoints
-from ftedit.config import EditConfig, ParamConfig
+from ftedit.config import EditConfig, LoraConfig, ParamConfig
 from ftedit.data.examples import PoolFact, TrainingExample
 from ftedit.data.requests import EditRequest
 from ftedit.params import (
@@ -90,15 +90,15 @@ def attach_config(model: nn.Module, config: EditConfig) -> tuple[Attached, list[
     """Select the weights ``config.params`` names and make exactly those trainable (see :func:`attach`)."""
     _require_location(config)
     targets = select_targets(model, config.params.layers, config.params.modules)
-    attached = attach(model, targets, config.params)
+    attached = attach(model, targets, config.params, config.lora)
     attached.first_layer = first_trainable_layer(targets)
     return attached, targets
 
 
-def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attached:
-    """Make exactly the selected weights trainable, directly or through LoRA adapters."""
+def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig, lora: LoraConfig | None = None) -> Attached:
+    """Make exactly the selected weights trainable, directly or through LoRA adapters (``lora``'s r/alpha)."""
     if cfg.method == "lora":
-        return _attach_lora(model, targets, cfg)
+        return _attach_lora(model, targets, cfg, lora or LoraConfig())
     from ftedit.models import is_quantized
 
     if is_quantized(model):
@@ -111,8 +111,9 @@ def attach(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attache
     return Attached(model, params, initial, constraint.apply if constraint else None, lora=False)
 
 
-def _attach_lora(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> Attached:
-    from peft import LoraConfig, get_peft_model
+def _attach_lora(model: nn.Module, targets: list[Target], cfg: ParamConfig, lora: LoraConfig) -> Attached:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     if cfg.norm_constraint > 0:
         raise ValueError("params.norm_constraint (FT-L) applies to full weights, not to LoRA adapters")
@@ -122,8 +123,8 @@ def _attach_lora(model: nn.Module, targets: list[Target], cfg: ParamConfig) -> A
             names += [f"{t.name}.{n}" for n, m in t.module.named_modules() if n and is_linear(m)]
         else:
             names.append(t.name)
-    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=names, bias="none")
+    lora_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=names, bias="none")
     peft_model = get_peft_model(model, lora_cfg)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in params.items()}

@@ -49,6 +49,7 @@ class LedgerEntry:
     run: str  # one id per edit run: the edits written together
     parent: dict[str, Any]  # identity of the model the edit was written into
     previous: str = ""  # sha256 of the ledger lines before this run: ties the run to the exact history it extends
+    adapter: str = ""  # the LoRA adapter carrying the edit (its name in a stacked PeftModel); "" = in the weights
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -87,14 +88,15 @@ def history_digest(entries: Iterable[LedgerEntry]) -> str:
 
 def new_entries(requests: Sequence[EditRequest], *, method: str, recipe: str, config: dict[str, Any],
                 parent: dict[str, Any], earlier: Sequence[LedgerEntry] = (),
-                when: float | None = None) -> list[LedgerEntry]:
+                when: float | None = None, adapter: str = "") -> list[LedgerEntry]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when if when is not None else time.time()))
     chash = config_hash(config)
     previous = history_digest(earlier) if earlier else ""
     run = hashlib.sha256(f"{stamp}{chash}{len(requests)}{parent}{previous}".encode()).hexdigest()[:12]
     return [LedgerEntry(hash=request_hash(r), prompt=r.prompt, subject=r.subject, target_new=r.target_new,
                         target_true=r.target_true, relation_id=r.relation_id, case_id=r.case_id, method=method,
-                        recipe=recipe, config_hash=chash, time=stamp, run=run, parent=parent, previous=previous)
+                        recipe=recipe, config_hash=chash, time=stamp, run=run, parent=parent, previous=previous,
+                        adapter=adapter)
             for r in requests]
 
 

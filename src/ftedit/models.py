@@ -48,7 +48,7 @@ class ModelIdentity:
     """What a result file records about the model it was computed on."""
 
     spec: str
-    source: str  # "hub", "local", "gguf", "bundled", "in-memory"
+    source: str  # "hub", "local", "gguf", "bundled", "in-memory", "adapter" (a peft adapter on its base)
     name_or_path: str
     model_class: str
     num_parameters: int
@@ -254,6 +254,49 @@ def is_quantized(model) -> bool:
                                                                     or getattr(model, "is_loaded_in_8bit", False))
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A peft adapter directory (``ftedit edit --save adapter`` writes ``OUT/adapter``)."""
+    path = Path(str(path)).expanduser()
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter was trained on (``base_model_name_or_path`` of its adapter_config.json)."""
+    config = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config}: not a readable adapter config ({e})") from e
+    if not base:
+        raise ModelLoadError(f"{config} names no base_model_name_or_path: load its base model yourself and "
+                             "apply the adapter with peft's PeftModel.from_pretrained")
+    return base
+
+
+def freeze(model) -> None:
+    """Evaluation mode, no parameter trainable."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def load_adapter_model(path: str | Path, base_model: str | None = None, **load_kwargs):
+    """``(PeftModel, tokenizer, identity)``: an adapter directory on its base model (loaded by :func:`load_model`)."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    base_spec = base_model or adapter_base(path)
+    base, tok, identity = load_model(base_spec, **load_kwargs)
+    model = PeftModel.from_pretrained(base, str(path))
+    freeze(model)
+    identity.extra = {**identity.extra, "adapter": str(path), "base_spec": base_spec}
+    identity.spec, identity.source = str(path), "adapter"
+    return model, tok, identity
+
+
 def load_model(
     spec: str = "demo",
     device: str | torch.device | None = None,
@@ -262,7 +305,8 @@ def load_model(
     revision: str | None = None,
     quantize: str | None = None,
 ):
-    """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name.
+    """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name,
+    or a peft adapter directory (its base model, named in adapter_config.json, with the adapter loaded).
 
     Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU.
     ``device="auto"`` spreads the layers over all GPUs (and CPU) with accelerate's ``device_map="auto"``,
@@ -271,6 +315,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_adapter_dir(spec):  # a peft adapter directory (`ftedit edit --save adapter`): its base + the adapter
+        return load_adapter_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  revision=revision, quantize=quantize)
     spread = str(device) == "auto"
     device = default_device() if spread or device is None else torch.device(device)
     torch_dtype = parse_dtype(dtype, device)

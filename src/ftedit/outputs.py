@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ftedit import __version__
+from ftedit.adapters import SAVED_ALONE
 from ftedit.atomic import atomic_directory, remove_stale_temps, write_json_atomic
 from ftedit.checkpoint import STATE_NAME
 from ftedit.data.requests import EditRequest, request_hash
@@ -191,11 +192,12 @@ def build_manifest(applied: AppliedEdit, requests: Sequence[EditRequest], base_i
 
 
 def ledger_entries(applied: AppliedEdit, manifest: dict[str, Any],
-                   history: Sequence[LedgerEntry] = ()) -> list[LedgerEntry]:
-    """Ledger lines for the edits in ``manifest`` (written into ``manifest["base_model"]`` after ``history``)."""
+                   history: Sequence[LedgerEntry] = (), adapter: str = "") -> list[LedgerEntry]:
+    """Ledger lines for the edits in ``manifest`` (written into ``manifest["base_model"]`` after ``history``);
+    ``adapter``: the name of the LoRA adapter that carries them ("" when they are in the weights)."""
     requests = [EditRequest.from_dict({k: v for k, v in e.items() if k != "hash"}) for e in manifest["edits"]]
     return new_entries(requests, method=applied.weights, recipe=applied.method, config=applied.config,
-                       parent=manifest.get("base_model", {}), earlier=history)
+                       parent=manifest.get("base_model", {}), earlier=history, adapter=adapter)
 
 
 def save_edit(out_dir: str | Path, applied: AppliedEdit, tok, manifest: dict[str, Any], save: str = "model",
@@ -220,7 +222,7 @@ def save_edit(out_dir: str | Path, applied: AppliedEdit, tok, manifest: dict[str
         elif save != "none":
             raise UsageError(f"unknown save mode {save!r}: use model, adapter or none")
         if save != "none":  # a ledger lists the edits a saved model carries; with nothing saved there is none
-            entries = ledger_entries(applied, manifest, history)
+            entries = ledger_entries(applied, manifest, history, adapter=SAVED_ALONE if save == "adapter" else "")
             for where in (tmp, tmp / save):
                 write_ledger(where / LEDGER_NAME, history, entries)
         (tmp / "config.yaml").write_text(yaml.safe_dump(applied.config, sort_keys=False))

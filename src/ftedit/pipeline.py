@@ -28,6 +28,7 @@ from ftedit.models import load_model
 from ftedit.outputs import CHECKPOINT_DIR, build_manifest, prepare_output_dir, report_interruption, save_edit
 from ftedit.preflight import check_edit_options
 from ftedit.registry import ApplyContext, MethodSpec, get_method
+from ftedit.unreached import check_reached
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     start = time.perf_counter()
     applied = apply_spec(spec, config, base, tok, requests, context)
     wall = time.perf_counter() - start
+    # single mode undid each edit after measuring it: nothing left to check
+    unreached = None if single else check_reached(applied.model, tok, requests, config, warn=parallel.is_main)
     post, said_after, state_dict = None, None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
@@ -208,7 +211,8 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
         return EditRun({}, out, save)
     extra = {"data": {"source": str(opts.data), "n": opts.n, "offset": opts.offset,
                       "skipped": [vars(s) for s in inputs.skipped]},
-             "pool": _pool_source(config, opts), "chat_template": chat, "wall_seconds": wall}
+             "pool": _pool_source(config, opts), "chat_template": chat, "wall_seconds": wall,
+             "unreached": unreached}
     if opts.evaluate and not single:
         post = post or evaluate_requests(applied.model, tok, requests, progress=opts.progress, missing=MISSING)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}

@@ -105,3 +105,7 @@ def edit_command(
     console.print(f"wrote {run.out} ({run.save}); {run.n_edits} edits with {manifest['method']}, "
                   f"{touched['trainable_parameters']:,} trainable parameters in {len(touched['modules'])} modules, "
                   f"{run.wall_seconds:.0f}s")
+    unreached = manifest.get("unreached") or {}
+    if unreached.get("n"):
+        console.print(f"[yellow]{unreached['n']} of {unreached['of']} edits unreached[/yellow] (their own prompt "
+                      "does not prefer the new target; see the warning above and manifest.json: unreached)")

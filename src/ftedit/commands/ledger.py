@@ -24,8 +24,10 @@ def ledger_command(
             typer.echo(e.to_json())
         return
     table = Table(title=f"{len(entries)} edits in {path}")
-    for column in ("#", "hash", "subject", "prompt -> target", "recipe", "run", "time"):
+    adapters = any(e.adapter for e in entries)  # a LoRA adapter (or a stack of them) carries some edits
+    for column in ("#", "hash", "subject", "prompt -> target", "recipe", "run", "time") + (("adapter",) if adapters else ()):
         table.add_column(column, no_wrap=column in ("hash", "run", "time"))
     for i, e in enumerate(entries, start=1):
-        table.add_row(str(i), e.hash, e.subject, f"{e.prompt} -> {e.target_new}", e.recipe, e.run, e.time)
+        table.add_row(str(i), e.hash, e.subject, f"{e.prompt} -> {e.target_new}", e.recipe, e.run, e.time,
+                      *((e.adapter or "(weights)",) if adapters else ()))
     console.print(table)
