@@ -1,7 +1,7 @@
 """Where to edit: trial edits over layers x module groups, ranked by edit score.
 
 Each candidate (layer, module group) gets a short edit with the chosen recipe (augmentation off) on a sample
-of the edits, is evaluated with the harness (efficacy, generalization on paraphrases never trained on,
+of records (for ``params.layers=auto``: the shipped calibration set, never the edits being placed), is evaluated with the harness (efficacy, generalization on paraphrases never trained on,
 locality on neighbors), and is undone. ``exhaustive`` trains every candidate with the recipe's full budget;
 ``halving`` (successive halving) trains all candidates briefly and gives the larger budgets only to the best
 1/eta of them, which costs about ``rungs / eta**(rungs-1)`` of the exhaustive sweep.

@@ -126,6 +126,5 @@ def demo_command(
     model: Annotated[str, typer.Option(help="Model to edit (default: the bundled gemma-3-270m).")] = "demo",
     recipe: Annotated[str, typer.Option(help="Editing recipe (see `ftedit recipes`).")] = DEFAULT_RECIPE,
 ) -> None:
-    """Edit a few real COUNTERFACT facts in gemma-3-270m on the default path and show what it says before and
-    after."""
+    """Edit 4 COUNTERFACT facts in gemma-3-270m the default way; show what it says before and after."""
     run_demo(model, recipe)
