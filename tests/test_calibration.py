@@ -6,6 +6,7 @@ from ftedit.calibration import (
     CALIBRATION_FILE,
     POOL_FILE,
     build_calibration_set,
+    calibration_sha256,
     case_ids,
     resolve_pool,
     resource,
@@ -45,3 +46,18 @@ def test_shipped_pool_is_train_split_facts_and_loads_by_name(data_dir):
     assert pool_ids <= splits["train"] and not pool_ids & splits["edit"]
     assert resolve_pool("shipped") == str(resource(POOL_FILE)) and resolve_pool("x.json") == "x.json"
     assert len(load_pool_facts("shipped")) == len(pool_ids)
+
+
+def test_shipped_location_matches_the_default_recipes_search_settings():
+    """The bundled model's shipped search is found only under the settings it was run with: a config change that
+    alters the search settings (a renamed field, a new default) must come with a new search or a re-keyed entry,
+    or the demo silently runs a 20-minute search."""
+    from ftedit.config import DEFAULT_RECIPE, resolve_config
+    from ftedit.locate import search_settings, settings_key, shipped_locations
+
+    shipped_set = calibration_sha256(str(resource(CALIBRATION_FILE)))  # unit tests swap in a small set
+    key = settings_key(search_settings(resolve_config(DEFAULT_RECIPE)), shipped_set)
+    entries = shipped_locations()
+    assert any(name.endswith(f":{key}") for name in entries), sorted(entries)
+    for name, entry in entries.items():
+        assert name.endswith(f":{settings_key(entry['search']['settings'], shipped_set)}")

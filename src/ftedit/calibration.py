@@ -36,9 +36,13 @@ def resolve_pool(value: str | None) -> str | None:
     return str(resource(POOL_FILE)) if value == SHIPPED_POOL else value
 
 
-@cache
 def calibration_sha256(path: str | None = None) -> str:
-    return hashlib.sha256(Path(path or calibration_path()).read_bytes()).hexdigest()
+    return _sha256(str(path or calibration_path()))
+
+
+@cache  # keyed by the resolved path, so a different calibration file never reuses another's hash
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def case_ids(path: str | Path) -> set[int]:

@@ -115,8 +115,8 @@ class EditConfig:
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit", "checkpoint_every"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
-        if self.sequential_batch < 1 or self.params.lora_r < 1:
-            raise ConfigError("sequential_batch and params.lora_r must be at least 1")
+        if self.sequential_batch < 1:
+            raise ConfigError("sequential_batch must be at least 1")
         _check_numbers(self)
         _check_locations(self)
         try:
@@ -128,8 +128,8 @@ class EditConfig:
 #: Numeric fields that must be finite, with (lowest allowed, whether the lowest itself is allowed).
 _BOUNDS = {
     "train.lr": (0.0, False), "train.weight_decay": (0.0, True), "train.warmup_ratio": (0.0, True),
-    "train.max_grad_norm": (0.0, True), "train.loss_threshold": (0.0, True), "params.lora_alpha": (0.0, False),
-    "params.lora_dropout": (0.0, True), "params.norm_constraint": (0.0, True), "objective.dpo_weight": (0.0, True),
+    "train.max_grad_norm": (0.0, True), "train.loss_threshold": (0.0, True), "lora.alpha": (0.0, False),
+    "lora.dropout": (0.0, True), "lora.lr": (0.0, True), "params.norm_constraint": (0.0, True), "objective.dpo_weight": (0.0, True),
     "objective.dpo_beta": (0.0, False),
 }
 _OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -156,8 +156,8 @@ def _check_numbers(cfg: EditConfig) -> None:
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
             raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
-    if not cfg.train.warmup_ratio < 1 or not cfg.params.lora_dropout < 1:
-        raise ConfigError("train.warmup_ratio and params.lora_dropout must be below 1")
+    if not cfg.train.warmup_ratio < 1 or not cfg.lora.dropout < 1:
+        raise ConfigError("train.warmup_ratio and lora.dropout must be below 1")
     if cfg.train.optimizer not in _OPTIMIZERS:
         raise ConfigError(f"train.optimizer {cfg.train.optimizer!r} is not one of {_OPTIMIZERS}")
     if cfg.train.mixed_precision not in _PRECISIONS:

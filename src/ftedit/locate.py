@@ -238,7 +238,10 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
     trial = trial_config(base, Candidate(0, ""), full_budget(base)).to_dict()
     params = {k: v for k, v in trial["params"].items() if k not in ("layers", "modules")}
     objective = {k: v for k, v in trial["objective"].items() if k != "chat_template"}  # calibration: plain text
-    return {"locate": search, "objective": objective, "train": trial["train"], "params": params}
+    settings = {"locate": search, "objective": objective, "train": trial["train"], "params": params}
+    if params["method"] == "lora":  # adapter settings decide only a search whose trials train adapters
+        settings["lora"] = trial["lora"]
+    return settings
 
 
 def settings_key(settings: dict[str, Any], calibration_sha256: str) -> str:

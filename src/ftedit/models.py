@@ -147,9 +147,10 @@ def _local_source(spec: str) -> str | None:
     """``"gguf"`` or ``"local"`` for a usable local spec, None for a hub name; raise for a bad local path."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not is_adapter_dir(path):
             raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model",
-                                 hint="pass an HF model directory, a .gguf file or a hub name")
+                                 hint="pass an HF model directory, a peft adapter directory, a .gguf file or a "
+                                      "hub name")
         return "local"
     if path.exists():
         if path.suffix.lower() != ".gguf":
