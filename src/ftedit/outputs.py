@@ -25,7 +25,6 @@ from ftedit.registry import AppliedEdit
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
-CHECKPOINT_STATE = STATE_NAME
 #: What a finished edit's folder may hold: everything ftedit writes there, nothing else.
 RESULT_ENTRIES = frozenset({"manifest.json", "config.yaml", LEDGER_NAME, "model", "adapter", CHECKPOINT_DIR})
 NEW_DIR_HINT = "choose a new or empty --out directory (ftedit never deletes files it did not write)"
@@ -45,7 +44,7 @@ def _is_checkpoint_only(out: Path) -> bool:
     names = {p.name for p in out.iterdir()}
     if names != {CHECKPOINT_DIR} or not (out / CHECKPOINT_DIR).is_dir():
         return False
-    return all(p.name.startswith(CHECKPOINT_STATE) for p in (out / CHECKPOINT_DIR).iterdir())
+    return all(p.name.startswith(STATE_NAME) for p in (out / CHECKPOINT_DIR).iterdir())
 
 
 def _check_not_base(out: Path, model_spec: str | None) -> None:
@@ -121,7 +120,7 @@ def _listing(out: Path, limit: int = 3) -> str:
 
 def checkpoint_state(out: Path) -> Path | None:
     """The resumable checkpoint an edit left in ``out``, if any."""
-    path = Path(out) / CHECKPOINT_DIR / CHECKPOINT_STATE
+    path = Path(out) / CHECKPOINT_DIR / STATE_NAME
     return path if path.is_file() else None
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ftedit.commands import options
 from ftedit.commands.console import console
 
 
@@ -16,7 +17,7 @@ def bench_command(
         help="Entries LABEL=METHOD[:key=value,...], e.g. 'mine=locft-bf:train.lr=1e-4,params.layers=-2'.")] = None,
     data: Annotated[str, typer.Option(help="Edit requests: COUNTERFACT/ZsRE JSON, JSONL/CSV or hf:NAME.")] = "",
     out: Annotated[Path, typer.Option(help="Output directory (results/, table.md/.csv, results.json, plot.png).")] = Path("bench"),
-    model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
+    model: options.Model = "demo",
     ablation: Annotated[list[str] | None, typer.Option(help="Built-in entry list: paper000 | paper001.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every entry that does not pin the "
                                                    "field itself, e.g. augment.n_paraphrases=3.")] = None,
@@ -29,9 +30,9 @@ def bench_command(
     fluency: Annotated[bool, typer.Option(help="Also generate from generation_prompts: fluency.")] = False,
     gen_max_len: Annotated[int | None, typer.Option(help="Tokens per generated text (default 100 GPU, 40 CPU).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every entry.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+    device: options.Device = None,
+    dtype: options.Dtype = "auto",
+    progress: options.Progress = False,
 ) -> None:
     """Run several methods/recipes on the same model and edits; write a comparison table, JSON and a plot.
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ftedit.commands import options
 from ftedit.commands.console import console
 from ftedit.config import DEFAULT_RECIPE
 
@@ -55,7 +56,7 @@ def print_generations(generations: dict) -> None:
 def edit_command(
     data: Annotated[str, typer.Option(help="Edit requests: COUNTERFACT/ZsRE JSON, JSONL/CSV or hf:NAME.")],
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
-    model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
+    model: options.Model = "demo",
     recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
                                               "alphaedit.")] = DEFAULT_RECIPE,
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
@@ -72,8 +73,8 @@ def edit_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str | None, typer.Option(
         help="cpu, cuda, ..., or auto: layers spread over all GPUs (default: cuda if available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    dtype: options.Dtype = "auto",
+    progress: options.Progress = True,
     quantize: Annotated[str | None, typer.Option(
         help="4bit | 8bit base weights (bitsandbytes, CUDA only) for LoRA edits of large models.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT/checkpoint.")] = False,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ftedit.commands import options
 from ftedit.commands.console import console
 from ftedit.evaluate import EvalResult
 
@@ -65,15 +66,16 @@ def eval_command(
                                               "over the records that have its prompts; counts reported) | error.")] = "count",
     chat_template: Annotated[str, typer.Option(help="Prompts as chat turns: auto (instruct model and question "
                                                     "prompts) | on | off.")] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: options.Device = None,
+    dtype: options.Dtype = "auto",
+    progress: options.Progress = True,
 ) -> dict[str, Any]:
     """Evaluate edits the way the literature does (COUNTERFACT ES/PS/NS, ZsRE token accuracy)."""
+    from ftedit.errors import UsageError
     from ftedit.evaluate.run import EvalSettings, run_evaluation
 
     if not data:
-        raise typer.BadParameter("--data is required")
+        raise UsageError("ftedit eval needs --data FILE (the edit requests to score)")
     outcome = run_evaluation(EvalSettings(
         model=model, data=data, n=n, offset=offset, seed=seed, protocol=protocol, batch_size=batch_size, out=out,
         base_model=base_model, details=details, fluency=fluency, gen_max_len=gen_max_len, gen_top_k=gen_top_k,

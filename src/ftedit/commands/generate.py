@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ftedit.commands import options
 from ftedit.commands.console import console
 
 
@@ -17,8 +18,8 @@ def generate_command(
     chat_template: Annotated[bool, typer.Option(
         "--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template when it has one "
                                                    "(instruct models).")] = True,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+    device: options.Device = None,
+    dtype: options.Dtype = "auto",
 ) -> None:
     """Greedy answers of any model to PROMPTS (as chat turns for instruct models)."""
     from ftedit.evaluate.answers import generate_answers

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ftedit.commands import options
 from ftedit.commands.console import console
+from ftedit.errors import UsageError
 from ftedit.locate import SweepResult
 
 
@@ -18,7 +20,7 @@ def locate_command(
     = "",
     calibration: Annotated[bool, typer.Option(help="Run the search of --layers auto on the shipped calibration set "
                                                    "(reproduces the shipped result of a bundled model).")] = False,
-    model: Annotated[str, typer.Option(help="Base model: demo, smollm2, HF dir, .gguf file or hub name.")] = "demo",
+    model: options.Model = "demo",
     recipe: Annotated[str, typer.Option(help="Recipe whose training the trials use (augmentation off).")] = "locft-bf",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a field, e.g. locate.layer_stride=2, locate.modules=down,up, train.epochs=10.")] = None,
@@ -27,16 +29,16 @@ def locate_command(
              "the recipe's with --calibration.")] = None,
     n: Annotated[int | None, typer.Option(help="Edits sampled for the trials (locate.n_edits).")] = None,
     offset: Annotated[int, typer.Option(help="First record index.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: options.Device = None,
+    dtype: options.Dtype = "auto",
+    progress: options.Progress = True,
 ) -> None:
     """Sweep layers x modules with short trial edits; write a heatmap and table and recommend a location."""
     from ftedit.locate import run_calibration_sweep, run_sweeps
 
     if calibration == bool(data):
-        raise typer.BadParameter("pass either --data FILE (a search on those edits) or --calibration (the search "
-                                 "that --layers auto runs, on the shipped calibration set)")
+        raise UsageError("pass either --data FILE (a search on those edits) or --calibration (the search "
+                         "that --layers auto runs, on the shipped calibration set)")
     if calibration:
         result, shipped = run_calibration_sweep(out=out, model=model, recipe=recipe, overrides=set_ or [],
                                                 strategy=strategy, n=n, device=device, dtype=dtype, progress=progress)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ftedit.commands import options
 from ftedit.commands.console import console
 
 
@@ -41,8 +42,8 @@ def retention_command(
     filter_intrinsic: Annotated[bool, typer.Option(help="Also filter texts naming intrinsic facts.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing study in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    dtype: options.Dtype = "auto",
+    progress: options.Progress = True,
 ) -> None:
     """Edit, fine-tune downstream under freezing strategies, and report how much edited vs intrinsic knowledge
     survives (paper 002)."""
