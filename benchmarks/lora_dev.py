@@ -52,14 +52,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--pool", default=str(DATA / "easyedit" / "counterfact-train.json"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every entry")
+    ap.add_argument("--rows", default=None,
+                    help="train on this {prompt, target} file (a user's path: no subject, no probes) and score on "
+                         "--scored; default: the dev records themselves")
+    ap.add_argument("--scored", default=None, help="the full records of --rows, for scoring (same order)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, tok, identity = load_model(args.model)
-    requests = dev_requests(args.n)
+    if args.rows:
+        requests = load_requests(args.rows).requests
+        scored = load_requests(args.scored).requests
+    else:
+        requests = scored = dev_requests(args.n)
     pool = load_pool_facts(args.pool)
-    pre = evaluate_requests(model, tok, requests, progress=False).summary
+    pre = evaluate_requests(model, tok, scored, progress=False).summary
     rows = [{"label": "unedited", **{k: pre[k] for k in KEYS}}]
     print(_line(rows[-1]), flush=True)
     spec = get_method(args.recipe)
@@ -71,7 +79,7 @@ def main() -> None:
         applied = apply_spec(spec, cfg, model, tok, requests,
                              ApplyContext(pool=pool, progress=False, model_fingerprint=identity.fingerprint))
         seconds = time.perf_counter() - start
-        post = evaluate_requests(applied.model, tok, requests, progress=False).summary
+        post = evaluate_requests(applied.model, tok, scored, progress=False).summary
         unreached = unreached_edits(applied.model, tok, requests)
         rows.append({"label": label, **{k: post[k] for k in KEYS}, "seconds": seconds, "unreached": len(unreached),
                      "final_loss": applied.train[-1].final_loss if applied.train else None, "sets": sets,
@@ -80,7 +88,7 @@ def main() -> None:
         model = applied.restore()
         if args.out:  # after every entry: an interrupted sweep keeps what it measured
             write_json_atomic(args.out, {"model": identity.to_dict(), "n": args.n, "recipe": args.recipe,
-                                         "case_ids": [r.case_id for r in requests], "rows": rows,
+                                         "case_ids": [r.case_id for r in scored], "rows": rows,
                                          "argv": vars(args)})
 
 

@@ -69,8 +69,10 @@ ABLATIONS: dict[str, list[str]] = {
     # breadth-first), so only the pipeline, then the batch size, then the location change.
     "paper001": [
         f"df-bs1=ft-m:train.pipeline=depth,train.batch_size=1,train.steps_per_edit=25,{_NO_AUGMENT}",
-        f"bf-bs1=ft-m:train.pipeline=breadth,train.batch_size=1,train.epochs=25,train.loss_threshold=0,{_NO_AUGMENT}",
-        f"bf-mb=ft-m:train.pipeline=breadth,train.batch_size=32,train.epochs=25,train.loss_threshold=0,{_NO_AUGMENT}",
+        f"bf-bs1=ft-m:train.pipeline=breadth,train.batch_size=1,train.epochs=25,train.loss_threshold=0,"
+        f"train.fresh_optimizer_per_edit=false,{_NO_AUGMENT}",
+        f"bf-mb=ft-m:train.pipeline=breadth,train.batch_size=32,train.epochs=25,train.loss_threshold=0,"
+        f"train.fresh_optimizer_per_edit=false,{_NO_AUGMENT}",
         f"bf-mb-loc=locft-bf:params.layers=-3,params.modules=down,train.batch_size=32,train.epochs=25,{_NO_AUGMENT}",
     ],
 }

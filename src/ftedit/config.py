@@ -115,6 +115,12 @@ class EditConfig:
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit", "checkpoint_every"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        if self.train.threshold_check not in ("after", "before"):
+            raise ConfigError(f"train.threshold_check {self.train.threshold_check!r} is not 'after' or 'before'")
+        if self.train.pipeline == "depth" and self.train.stop_margin > 0:
+            raise ConfigError("train.stop_margin applies to breadth-first training only (train.pipeline=breadth)")
+        if self.train.pipeline == "breadth" and self.train.fresh_optimizer_per_edit:
+            raise ConfigError("train.fresh_optimizer_per_edit applies to depth-first training (train.pipeline=depth)")
         if self.sequential_batch < 1:
             raise ConfigError("sequential_batch must be at least 1")
         _check_numbers(self)
@@ -128,7 +134,7 @@ class EditConfig:
 #: Numeric fields that must be finite, with (lowest allowed, whether the lowest itself is allowed).
 _BOUNDS = {
     "train.lr": (0.0, False), "train.weight_decay": (0.0, True), "train.warmup_ratio": (0.0, True),
-    "train.max_grad_norm": (0.0, True), "train.loss_threshold": (0.0, True), "lora.alpha": (0.0, False),
+    "train.max_grad_norm": (0.0, True), "train.stop_margin": (0.0, True), "train.loss_threshold": (0.0, True), "lora.alpha": (0.0, False),
     "lora.dropout": (0.0, True), "lora.lr": (0.0, True), "params.norm_constraint": (0.0, True), "objective.dpo_weight": (0.0, True),
     "objective.dpo_beta": (0.0, False),
 }

@@ -101,15 +101,31 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def target_token_logprobs(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of every labelled token, flattened, and the row each belongs to."""
+    logits, tokens, rows = _target_logits(model, batch)
+    # fused log-softmax + gather: its backward does not materialize a second [positions, vocab] tensor
+    logp = -torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
+    return logp, rows
+
+
+def _target_logits(model: nn.Module, batch: PaddedBatch):
+    """fp32 logits at every labelled position, the labelled tokens, and the row each belongs to."""
     rows, pos, tokens = label_positions(batch.labels)
     parts = lm_parts(model)
     if parts.body is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[rows, pos].float()
     else:
         logits = apply_head(parts, body_hidden(parts, batch.input_ids, batch.attention_mask)[rows, pos])
-    # fused log-softmax + gather: its backward does not materialize a second [positions, vocab] tensor
-    logp = -torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
-    return logp, rows
+    return logits, tokens, rows
+
+
+def per_example_margin(model: nn.Module, batch: PaddedBatch) -> torch.Tensor:
+    """Per example ([B]), the smallest margin over its labelled tokens of the token's logit above the best
+    other token's (equal to the log-prob margin); negative where greedy decoding would leave the target."""
+    logits, tokens, rows = _target_logits(model, batch)
+    target = logits.gather(1, tokens[:, None]).squeeze(1)
+    other = logits.scatter(1, tokens[:, None], float("-inf")).max(dim=1).values
+    out = torch.full((batch.input_ids.shape[0],), float("inf"), device=logits.device)
+    return out.scatter_reduce(0, rows, target - other, reduce="amin")
 
 
 def per_example_nll(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +251,17 @@ class PrefixActivations:
 
     def nll(self, indices: list[int], pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`per_example_nll` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
+        return self._suffix(per_example_nll, indices, pairs)
+
+    def margin(self, indices: list[int], pairs: list) -> torch.Tensor:
+        """:func:`per_example_margin` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
+        return self._suffix(per_example_margin, indices, pairs)
+
+    def _suffix(self, fn, indices: list[int], pairs: list):
         from ftedit.tokenization import pad_right
 
         device = next(self.model.parameters()).device
         batch = pad_right(pairs, self.pad_token_id).to(device)
         with prefix_replaced(self.blocks, self.k, self.stacked(indices, batch.input_ids.shape[1], device),
                              self.as_tuple):
-            return per_example_nll(self.model, batch)
+            return fn(self.model, batch)

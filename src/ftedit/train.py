@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ftedit.checkpoint import RunCheckpoint
 from ftedit.data.examples import TrainingExample
 from ftedit.distributed import DataParallel
-from ftedit.forward import PrefixActivations, per_example_nll
+from ftedit.forward import PrefixActivations, per_example_margin, per_example_nll
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,13 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 0.0  # 0 disables clipping
     loss_threshold: float = 0.0  # early stop: breadth when an epoch's mean loss is below; depth per edit
+    # "after": every mini-batch steps, then the run (or edit) stops once its loss is below loss_threshold.
+    # "before" (LocFT's and EasyEdit's code): a mini-batch whose loss is already below it is not stepped.
+    threshold_check: str = "after"
+    # breadth: stop after an epoch at whose end every edit's own prompt prefers its target by this margin
+    # (each target token's log-prob above every other token's by at least this many nats); 0 disables
+    stop_margin: float = 0.0
+    fresh_optimizer_per_edit: bool = False  # depth: a new optimizer for each edit (EasyEdit's FT/FT-M do)
     steps_per_edit: int = 25  # depth-first: maximum optimizer steps for each edit
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16" or "no"
     cache_activations: bool = True  # run the frozen blocks below the first trainable one once, not every step
@@ -69,16 +76,20 @@ class EncodedExample:
     chosen: EncodedPair
     rejected: EncodedPair | None
     group: int  # request index used to group examples depth-first
+    kind: str = "edit"  # the training example's kind: "edit" or an augmentation
 
 
 @dataclass
 class TrainResult:
     steps: int = 0
     epochs_run: int = 0
+    skipped_steps: int = 0  # threshold_check="before": mini-batches already below the threshold, not stepped
     final_loss: float = float("nan")
     loss_history: list[float] = field(default_factory=list)  # breadth: per epoch; depth: per edit (last step)
     seconds: float = 0.0
     stopped_early: bool = False
+    stop_reason: str = ""  # "", "loss_threshold" or "margin"
+    edit_margin: float | None = None  # smallest edit margin at the last check (stop_margin > 0)
 
 
 def encode_examples(tok, examples: Sequence[TrainingExample], objective: ObjectiveConfig) -> list[EncodedExample]:
@@ -92,7 +103,7 @@ def encode_examples(tok, examples: Sequence[TrainingExample], objective: Objecti
         rejected = None
         if objective.dpo_weight > 0 and ex.rejected:
             rejected = encode_pair(tok, ex.prompt, ex.rejected, objective.append_eos)
-        encoded.append(EncodedExample(chosen, rejected, ex.request_index))
+        encoded.append(EncodedExample(chosen, rejected, ex.request_index, ex.kind))
     return encoded
 
 
@@ -124,6 +135,20 @@ class Scorer:
             return per_example_nll(self.model, pad_right(pairs, self.pad_id).to(self.device))
         rows = idx if which == "chosen" else [self.rejected_pos[i] for i in idx]
         return cache.nll(rows, pairs)
+
+    @torch.no_grad()
+    def margins(self, idx: list[int], batch_size: int) -> torch.Tensor:
+        """Per example, the smallest margin of a target token's log-prob over the best other token's."""
+        out = []
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            pairs = [self.encoded[i].chosen for i in chunk]
+            cache = self.caches["chosen"]
+            if cache is None:
+                out.append(per_example_margin(self.model, pad_right(pairs, self.pad_id).to(self.device)))
+            else:
+                out.append(cache.margin(chunk, pairs))
+        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -215,18 +240,22 @@ class Stepper:
         self.sched = get_scheduler(cfg.schedule, self.opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                                    num_training_steps=total)
         self.steps = 0
+        self.skipped = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, scheduler and step count, for a resumable checkpoint."""
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "steps": self.steps}
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "steps": self.steps,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
+        self.skipped = state.get("skipped", 0)
 
     def accumulate(self, score: Scorer, micro_batches: list[list[int]], objective, ref) -> float:
-        """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once."""
+        """Backpropagate the mean loss over ``micro_batches`` (gradient accumulation), then step once; with
+        ``threshold_check="before"`` a loss already below ``loss_threshold`` is not stepped (``skipped``)."""
         total = 0.0
         sharded = self.parallel.sharded
         for idx in micro_batches:
@@ -241,6 +270,11 @@ class Stepper:
             elif sharded:  # every process must join each unit's gather and reduce-scatter: a zero-weight pass
                 (batch_loss(score, idx[:1], objective, ref) * 0.0).backward()
         total = self.parallel.sum_gradients(self.params, total)
+        mean = total / len(micro_batches)
+        if self.cfg.threshold_check == "before" and mean < self.cfg.loss_threshold:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return mean
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.opt.step()
@@ -249,7 +283,12 @@ class Stepper:
         self.steps += 1
         if self.after_step:
             self.after_step()
-        return total / len(micro_batches)
+        return mean
+
+    def fresh_optimizer(self) -> None:
+        """A new optimizer (no moments), as EasyEdit's FT and FT-M build one for each edit."""
+        self.opt = make_optimizer(self.params, self.cfg)
+        self.sched.optimizer = self.opt
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -366,13 +405,30 @@ def _train_breadth(score: Scorer, params, cfg: TrainConfig, objective, ref, afte
         result.loss_history.append(sum(losses) / len(losses))
         result.epochs_run = epoch + 1
         plan, done, losses = None, 0, []
-        if result.loss_history[-1] < cfg.loss_threshold:
-            result.stopped_early = True
+        if _should_stop(score, cfg, result):
             break
     bar.close()
-    result.steps, result.final_loss = stepper.steps, result.loss_history[-1]
+    result.steps, result.final_loss, result.skipped_steps = stepper.steps, result.loss_history[-1], stepper.skipped
     _finish(checkpoint, params, stepper, rng, result)
     return result
+
+
+def _should_stop(score: Scorer, cfg: TrainConfig, result: TrainResult) -> bool:
+    """Breadth-first early stop after an epoch: the loss threshold, or every edit in by ``stop_margin``."""
+    if result.loss_history[-1] < cfg.loss_threshold:
+        result.stopped_early, result.stop_reason = True, "loss_threshold"
+        return True
+    if cfg.stop_margin <= 0:
+        return False
+    edits = [i for i, e in enumerate(score.encoded) if e.kind == "edit"]
+    if not edits:
+        raise ValueError("train.stop_margin needs edit examples (kind 'edit') among the training examples")
+    result.edit_margin = float(score.margins(edits, cfg.batch_size).min())
+    if result.edit_margin >= cfg.stop_margin:
+        result.stopped_early, result.stop_reason = True, "margin"
+        logger.info("every edit prefers its target by >= %.2g nats after epoch %d: stopped", cfg.stop_margin,
+                    result.epochs_run)
+    return result.stopped_early
 
 
 def _finish(checkpoint: RunCheckpoint | None, params, stepper: Stepper, rng, result: TrainResult) -> None:
@@ -398,6 +454,8 @@ def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_
     last_saved = stepper.steps
     items = sorted(groups.items())
     for _, idx in tqdm(items[done:], desc="edit (depth-first)", unit="edit", disable=not progress):
+        if cfg.fresh_optimizer_per_edit:
+            stepper.fresh_optimizer()
         for _ in range(cfg.steps_per_edit):
             last = stepper.accumulate(score, _chunks(idx, cfg.batch_size), objective, ref)
             if last < cfg.loss_threshold:
@@ -407,7 +465,7 @@ def _train_depth(score: Scorer, params, cfg: TrainConfig, objective, ref, after_
         if checkpoint and stepper.steps - last_saved >= checkpoint.every and stepper.parallel.is_main:
             checkpoint.save(params, stepper, rng, {"done": done, "loss_history": result.loss_history})
             last_saved = stepper.steps
-    result.steps, result.final_loss = stepper.steps, result.loss_history[-1]
+    result.steps, result.final_loss, result.skipped_steps = stepper.steps, result.loss_history[-1], stepper.skipped
     _finish(checkpoint, params, stepper, rng, result)
     return result
 
