@@ -138,6 +138,7 @@ def trial_config(base: EditConfig, candidate: Candidate, epochs: int) -> EditCon
         cfg.train.steps_per_edit = epochs
     else:
         cfg.train.epochs = epochs
+    cfg.train.stop_margin = 0.0  # halving compares trials at fixed budgets
     return cfg
 
 
@@ -230,6 +231,12 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
     return result
 
 
+#: Training options added after searches were shipped, at the value that switches them off: they do not
+#: decide a trial, and leaving them out keeps the keys of earlier searches valid.
+_NEUTRAL_TRAIN = {"threshold_check": "after", "stop_margin": 0.0, "fresh_optimizer_per_edit": False}
+_DECIDES = object()
+
+
 def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dict[str, Any]:
     """What decides a search's outcome: the search grid and the trials' training, not the recipe's name, its
     augmentation (trials run without) or where it would train by hand. Recipes that train alike share a search."""
@@ -238,7 +245,8 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
     trial = trial_config(base, Candidate(0, ""), full_budget(base)).to_dict()
     params = {k: v for k, v in trial["params"].items() if k not in ("layers", "modules")}
     objective = {k: v for k, v in trial["objective"].items() if k != "chat_template"}  # calibration: plain text
-    settings = {"locate": search, "objective": objective, "train": trial["train"], "params": params}
+    train = {k: v for k, v in trial["train"].items() if _NEUTRAL_TRAIN.get(k, _DECIDES) != v}
+    settings = {"locate": search, "objective": objective, "train": train, "params": params}
     if params["method"] == "lora":  # adapter settings decide only a search whose trials train adapters
         settings["lora"] = trial["lora"]
     return settings
