@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ftedit.data.examples import TrainingExample
-from ftedit.forward import per_example_margin
+from ftedit.forward import labelled_logits, per_example_margin
 from ftedit.tokenization import encode_pair, pad_right
-from ftedit.train import ObjectiveConfig, TrainConfig, train
+from ftedit.train import ObjectiveConfig, TrainConfig, locality_kl, train
 from test_editor import REQUESTS
 
 PREFIX = 3  # every block of the tiny llama is frozen; the output embedding trains (it learns fastest)
@@ -132,3 +132,42 @@ def test_margin_stop_ends_training_once_every_edit_leads_by_the_margin(llama_mod
     train(model, llama_tok, augmented, [w], cfg, ObjectiveConfig(), progress=False, prefix_layers=PREFIX)
     with torch.no_grad():
         assert per_example_margin(model, pad_right(pairs, llama_tok.pad_token_id)).min().item() < 1.0
+
+
+def test_locality_kl_over_the_whole_vocabulary_is_the_exact_kl():
+    torch.manual_seed(0)
+    ref = torch.randn(5, 40).log_softmax(-1)
+    new = torch.randn(5, 40).log_softmax(-1)
+    top = ref.topk(40, dim=-1)
+    exact = (ref.exp() * (ref - new)).sum(-1)
+    assert torch.allclose(locality_kl(new, top.indices, top.values), exact, atol=1e-4)
+    small = ref.topk(3, dim=-1)  # coarser but still a KL: zero at the reference, positive elsewhere
+    assert torch.allclose(locality_kl(ref, small.indices, small.values), torch.zeros(5), atol=1e-5)
+    assert (locality_kl(new, small.indices, small.values) > 0).all()
+
+
+def _pool_kl(model, ref_model, tok, pool):
+    pairs = [encode_pair(tok, e.prompt, e.target) for e in pool]
+    batch = pad_right(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        new, _, _ = labelled_logits(model, batch)
+        ref, _, _ = labelled_logits(ref_model, batch)
+    new, ref = new.log_softmax(-1), ref.log_softmax(-1)
+    return (ref.exp() * (ref - new)).sum(-1).mean().item()
+
+
+def test_kl_locality_keeps_pool_prompts_closer_to_the_unedited_model_than_true_answers(llama_model, llama_tok):
+    edits = _examples()
+    pool = [TrainingExample(p, t, kind="random", request_index=0)
+            for p, t in [("The sky is", " blue"), ("Paris is the capital of", " France"),
+                         ("Water boils at", " 100 degrees"), ("The cat sat on the", " mat")]]
+    kls, nll = {}, {}
+    for loss in ("ce", "kl"):
+        model, w = _trainable(llama_model)
+        cfg = TrainConfig(epochs=30, batch_size=len(edits) + len(pool), lr=1e-2)
+        train(model, llama_tok, edits + pool, [w], cfg, ObjectiveConfig(locality_loss=loss), progress=False,
+              prefix_layers=PREFIX)
+        kls[loss] = _pool_kl(model, llama_model, llama_tok, pool)
+        nll[loss] = _masked_nll(model, llama_tok, edits).item()
+    assert kls["kl"] < 0.5 * kls["ce"]
+    assert nll["kl"] < 1.0  # the edits are still learned

@@ -115,6 +115,12 @@ class EditConfig:
         for name in ("epochs", "batch_size", "grad_accum", "steps_per_edit", "checkpoint_every"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self.train, name)}")
+        if self.objective.locality_loss not in ("ce", "kl"):
+            raise ConfigError(f"objective.locality_loss {self.objective.locality_loss!r} is not 'ce' or 'kl'")
+        if self.objective.locality_loss == "kl" and self.objective.dpo_weight > 0:
+            raise ConfigError("objective.locality_loss=kl does not combine with objective.dpo_weight > 0")
+        if self.objective.locality_top_k < 1:
+            raise ConfigError("objective.locality_top_k must be at least 1")
         if self.train.threshold_check not in ("after", "before"):
             raise ConfigError(f"train.threshold_check {self.train.threshold_check!r} is not 'after' or 'before'")
         if self.train.pipeline == "depth" and self.train.stop_margin > 0:

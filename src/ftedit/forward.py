@@ -101,13 +101,13 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def target_token_logprobs(model: nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of every labelled token, flattened, and the row each belongs to."""
-    logits, tokens, rows = _target_logits(model, batch)
+    logits, tokens, rows = labelled_logits(model, batch)
     # fused log-softmax + gather: its backward does not materialize a second [positions, vocab] tensor
     logp = -torch.nn.functional.cross_entropy(logits, tokens, reduction="none")
     return logp, rows
 
 
-def _target_logits(model: nn.Module, batch: PaddedBatch):
+def labelled_logits(model: nn.Module, batch: PaddedBatch):
     """fp32 logits at every labelled position, the labelled tokens, and the row each belongs to."""
     rows, pos, tokens = label_positions(batch.labels)
     parts = lm_parts(model)
@@ -121,7 +121,7 @@ def _target_logits(model: nn.Module, batch: PaddedBatch):
 def per_example_margin(model: nn.Module, batch: PaddedBatch) -> torch.Tensor:
     """Per example ([B]), the smallest margin over its labelled tokens of the token's logit above the best
     other token's (equal to the log-prob margin); negative where greedy decoding would leave the target."""
-    logits, tokens, rows = _target_logits(model, batch)
+    logits, tokens, rows = labelled_logits(model, batch)
     target = logits.gather(1, tokens[:, None]).squeeze(1)
     other = logits.scatter(1, tokens[:, None], float("-inf")).max(dim=1).values
     out = torch.full((batch.input_ids.shape[0],), float("inf"), device=logits.device)
@@ -252,6 +252,10 @@ class PrefixActivations:
     def nll(self, indices: list[int], pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`per_example_nll` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
         return self._suffix(per_example_nll, indices, pairs)
+
+    def logits(self, indices: list[int], pairs: list):
+        """:func:`labelled_logits` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
+        return self._suffix(labelled_logits, indices, pairs)
 
     def margin(self, indices: list[int], pairs: list) -> torch.Tensor:
         """:func:`per_example_margin` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""

@@ -244,7 +244,9 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
     search.pop("cache")
     trial = trial_config(base, Candidate(0, ""), full_budget(base)).to_dict()
     params = {k: v for k, v in trial["params"].items() if k not in ("layers", "modules")}
-    objective = {k: v for k, v in trial["objective"].items() if k != "chat_template"}  # calibration: plain text
+    # calibration is plain text; trials train no pool facts, so their loss does not decide a trial
+    objective = {k: v for k, v in trial["objective"].items()
+                 if k not in ("chat_template", "locality_loss", "locality_top_k")}
     train = {k: v for k, v in trial["train"].items() if _NEUTRAL_TRAIN.get(k, _DECIDES) != v}
     settings = {"locate": search, "objective": objective, "train": train, "params": params}
     if params["method"] == "lora":  # adapter settings decide only a search whose trials train adapters

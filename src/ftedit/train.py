@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from ftedit.checkpoint import RunCheckpoint
 from ftedit.data.examples import TrainingExample
 from ftedit.distributed import DataParallel
-from ftedit.forward import PrefixActivations, per_example_margin, per_example_nll
+from ftedit.forward import PrefixActivations, labelled_logits, per_example_margin, per_example_nll
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
 logger = logging.getLogger(__name__)
+
+LOCALITY_KINDS = ("random", "similar")
 
 
 @dataclass
@@ -40,6 +42,10 @@ class ObjectiveConfig:
     # "on": prompt and target go through the tokenizer's chat template (user turn -> assistant answer), in
     # training, evaluation and generation; "auto": on when the tokenizer has one and every prompt is a question
     chat_template: str = "auto"
+    # pool facts (random/similar examples): "ce" trains them toward their true answers; "kl" keeps the unedited
+    # model's next-token distribution at their answer positions (its top locality_top_k tokens + the rest's mass)
+    locality_loss: str = "ce"
+    locality_top_k: int = 64
 
 
 @dataclass
@@ -121,6 +127,8 @@ class Scorer:
         self.rejected_idx = [i for i, e in enumerate(encoded) if e.rejected is not None]
         self.rejected_pos = {i: j for j, i in enumerate(self.rejected_idx)}
         self.caches: dict[str, PrefixActivations | None] = {"chosen": None, "rejected": None}
+        # pool-fact example -> the unedited model's top-k answer distributions (objective.locality_loss="kl")
+        self.locality_ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if prefix_layers > 0:
             self.caches["chosen"] = PrefixActivations(model, prefix_layers, [e.chosen for e in encoded], pad_id,
                                                       batch_size)
@@ -135,6 +143,14 @@ class Scorer:
             return per_example_nll(self.model, pad_right(pairs, self.pad_id).to(self.device))
         rows = idx if which == "chosen" else [self.rejected_pos[i] for i in idx]
         return cache.nll(rows, pairs)
+
+    def logits(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 logits at the labelled positions of the chosen answers, their tokens, and each one's row."""
+        pairs = [self.encoded[i].chosen for i in idx]
+        cache = self.caches["chosen"]
+        if cache is None:
+            return labelled_logits(self.model, pad_right(pairs, self.pad_id).to(self.device))
+        return cache.logits(idx, pairs)
 
     @torch.no_grad()
     def margins(self, idx: list[int], batch_size: int) -> torch.Tensor:
@@ -162,8 +178,51 @@ def reference_logps(score: Scorer, batch_size: int) -> dict[int, tuple]:
     return out
 
 
+@torch.no_grad()
+def locality_reference(score: Scorer, top_k: int, batch_size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each pool-fact example: the unedited model's top-k token ids and log-probs at its answer positions."""
+    idx = [i for i, e in enumerate(score.encoded) if e.kind in LOCALITY_KINDS]
+    out = {}
+    for chunk in _chunks(idx, batch_size):
+        logits, _, rows = score.logits(chunk)
+        top = logits.log_softmax(-1).topk(top_k, dim=-1)
+        out.update({i: (top.indices[rows == r], top.values[rows == r]) for r, i in enumerate(chunk)})
+    return out
+
+
+def _per_row_mean(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    summed = torch.zeros(n, device=values.device).index_add(0, rows, values)
+    return summed / torch.zeros(n, device=values.device).index_add(0, rows, torch.ones_like(values)).clamp_min(1)
+
+
+def locality_kl(logp: torch.Tensor, ref_ids: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(unedited || edited) per position over the unedited model's top-k tokens plus one bucket for the rest."""
+    p_ref = ref_logp.exp()
+    lp = logp.gather(1, ref_ids)
+    rest_ref = (1 - p_ref.sum(-1)).clamp_min(1e-6)
+    rest = (1 - lp.exp().sum(-1)).clamp_min(1e-6)
+    return (p_ref * (ref_logp - lp)).sum(-1) + rest_ref * (rest_ref.log() - rest.log())
+
+
+def _loss_with_locality_kl(score: Scorer, idx: list[int], loc_ref: dict[int, tuple]) -> torch.Tensor:
+    """Mean over examples: NLL for edits and paraphrases, :func:`locality_kl` for pool facts."""
+    logits, tokens, rows = score.logits(idx)
+    logp = logits.log_softmax(-1)
+    is_loc = torch.tensor([i in loc_ref for i in idx], device=logits.device)[rows]
+    per_pos = -logp.gather(1, tokens[:, None]).squeeze(1)
+    loc_rows = [r for r, i in enumerate(idx) if i in loc_ref]
+    if loc_rows:
+        ref_ids = torch.cat([loc_ref[idx[r]][0] for r in loc_rows])
+        ref_logp = torch.cat([loc_ref[idx[r]][1] for r in loc_rows])
+        per_pos = per_pos.masked_scatter(is_loc, locality_kl(logp[is_loc], ref_ids, ref_logp))
+    return _per_row_mean(per_pos, rows, len(idx)).mean()
+
+
 def batch_loss(score: Scorer, idx: list[int], objective: ObjectiveConfig, ref: dict[int, tuple]) -> torch.Tensor:
-    """Mean per-example NLL of the chosen answers, plus the weighted DPO term where a rejected answer exists."""
+    """Mean per-example NLL of the chosen answers (or, for pool facts with ``locality_loss="kl"``, the KL to the
+    unedited model), plus the weighted DPO term where a rejected answer exists."""
+    if score.locality_ref:
+        return _loss_with_locality_kl(score, idx, score.locality_ref)
     nll, chosen_logp = score(idx, "chosen")
     loss = nll.mean()
     dpo = [k for k, i in enumerate(idx) if i in ref]
@@ -324,6 +383,8 @@ def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Param
         score = Scorer(model, encoded, tok.pad_token_id, prefix_layers if cfg.cache_activations else 0,
                        cfg.batch_size)
         ref = reference_logps(score, cfg.batch_size) if objective.dpo_weight > 0 else {}
+        if objective.locality_loss == "kl":
+            score.locality_ref = locality_reference(score, objective.locality_top_k, cfg.batch_size)
         result = run(score, params, cfg, objective, ref, after_step, progress, checkpoint)
     result.seconds = time.perf_counter() - start
     return result
