@@ -61,3 +61,14 @@ def test_shipped_location_matches_the_default_recipes_search_settings():
     assert any(name.endswith(f":{key}") for name in entries), sorted(entries)
     for name, entry in entries.items():
         assert name.endswith(f":{settings_key(entry['search']['settings'], shipped_set)}")
+
+
+def test_precision_and_other_execution_settings_find_the_same_search():
+    from ftedit.config import resolve_config
+    from ftedit.locate import search_settings
+
+    base = search_settings(resolve_config("locft-bf-rand"))
+    for override in ("train.mixed_precision=bf16", "train.mixed_precision=no", "train.cache_activations=false",
+                     "objective.locality_loss=ce", "train.stop_margin=1.0"):
+        assert search_settings(resolve_config("locft-bf-rand", overrides=[override])) == base, override
+    assert search_settings(resolve_config("locft-bf-rand", overrides=["train.lr=1e-3"])) != base

@@ -235,6 +235,10 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
 #: decide a trial, and leaving them out keeps the keys of earlier searches valid.
 _NEUTRAL_TRAIN = {"threshold_check": "after", "stop_margin": 0.0, "fresh_optimizer_per_edit": False}
 _DECIDES = object()
+#: How a trial is computed, not what it trains (precision, cached or recomputed activations, checkpoints): one
+#: canonical value in the key, so a bf16 run finds the search an fp32 run shipped.
+_EXECUTION_ONLY = {"mixed_precision": "auto", "cache_activations": True, "gradient_checkpointing": False,
+                   "checkpoint_every": 100}
 
 
 def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dict[str, Any]:
@@ -248,6 +252,7 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
     objective = {k: v for k, v in trial["objective"].items()
                  if k not in ("chat_template", "locality_loss", "locality_top_k")}
     train = {k: v for k, v in trial["train"].items() if _NEUTRAL_TRAIN.get(k, _DECIDES) != v}
+    train.update(_EXECUTION_ONLY)
     settings = {"locate": search, "objective": objective, "train": train, "params": params}
     if params["method"] == "lora":  # adapter settings decide only a search whose trials train adapters
         settings["lora"] = trial["lora"]
