@@ -23,6 +23,7 @@ from ftedit.evaluate.counterfact import evaluate_counterfact
 from ftedit.evaluate.generation import GenerationOptions, evaluate_generation
 from ftedit.evaluate.scoring import PairScore, next_token_topk, score_pairs
 from ftedit.evaluate.zsre import evaluate_zsre
+from ftedit.precision import scoring_label
 
 PROTOCOLS = ("auto", "counterfact", "zsre")
 
@@ -115,6 +116,7 @@ def evaluate_requests(
         model.train(was_training)
     summary["seconds"] = time.perf_counter() - start
     config = {"protocol": chosen, "protocol_requested": protocol, "batch_size": batch_size, "missing": missing,
+              "scoring": scoring_label(model),
               "generation": generation.to_dict() if generation else None}
     return EvalResult(chosen, summary, records if details else None, config)
 

@@ -116,6 +116,9 @@ def evaluate_counterfact(
     """``(summary, per-record details)`` under the ROME/MEMIT COUNTERFACT protocol (summary values x100)."""
     validate(requests, missing)
     plan = _plan(requests)
-    scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact")
+    # each (prompt, target_new) pair is followed by its (prompt, target_true) pair: the comparisons behind ES/PS/NS
+    compare = [(i, i + 1) for i in range(0, len(plan.pairs), 2)]
+    scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact",
+                         compare=compare)
     records = [_record(req, slots, scores) for req, slots in zip(requests, plan.slots)]
     return _summary(records), records
