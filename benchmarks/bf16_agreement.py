@@ -1,0 +1,148 @@
+"""fp32 against bf16 scoring of the same COUNTERFACT records, side by side: every flipped decision, and the time of each.
+
+Three passes over the same records with one model (fp32 weights):
+
+* ``fp32``: the exact path (``--dtype fp32``);
+* ``bf16``: plain bf16 autocast, near-tie re-scoring off;
+* ``bf16+rescore``: bf16 autocast with the near-ties re-scored in fp32 (ftedit's default on CPUs with bf16 units).
+
+A flip is a prompt whose success (ES/PS/NS) differs from the fp32 pass, or a record kind whose accuracy
+(``*_acc``) differs. The script also reports how far bf16 moved each compared NLL margin (``nll_new - nll_true``),
+the quantity :data:`ftedit.evaluate.scoring.NEAR_TIE` must cover.
+
+    python benchmarks/bf16_agreement.py --n 1000                 # demo model, counterfact-edit.json records 0..999
+    python benchmarks/bf16_agreement.py --data .../counterfact-train.json --n 300   # choose NEAR_TIE here
+    python benchmarks/bf16_agreement.py --tiny --n 20            # tiny random model: a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ftedit.atomic import write_json_atomic
+from ftedit.data.loaders import load_requests
+from ftedit.evaluate import evaluate_requests, scoring
+from ftedit.evaluate.counterfact import KINDS
+from ftedit.precision import ENV_OVERRIDE, set_requested
+
+logger = logging.getLogger("bf16_agreement")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "easyedit" / "counterfact-edit.json"
+METRICS = ("efficacy", "generalization", "locality", "efficacy_acc", "generalization_acc", "locality_acc",
+           "efficacy_magnitude", "locality_magnitude", "edit_score")
+PASSES = ("fp32", "bf16", "bf16+rescore")
+
+
+def load(args):
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny
+        from ftedit.models import prepare_tokenizer
+
+        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
+        return tiny.tiny_gemma3(tok), tok
+    from ftedit.models import load_model
+
+    model, tok, _ = load_model(args.model, device="cpu", dtype="fp32")
+    return model, tok
+
+
+def configure(model, name: str, threshold: float) -> None:
+    """Put the model and the scorer into one of PASSES (bf16 is forced on, whatever the CPU flags say)."""
+    os.environ[ENV_OVERRIDE] = "1"
+    set_requested(model, "fp32" if name == "fp32" else "auto")
+    scoring.NEAR_TIE = threshold if name == "bf16+rescore" else 0.0
+
+
+def run_pass(model, tok, requests, name: str, args) -> dict:
+    configure(model, name, args.threshold)
+    evaluate_requests(model, tok, requests[:2], progress=False)  # warm-up (one-time checks, allocations)
+    start = time.perf_counter()
+    result = evaluate_requests(model, tok, requests, batch_size=args.batch_size, details=True, progress=False)
+    seconds = time.perf_counter() - start
+    logger.info("%-13s %7.1f s   scoring: %s, pairs re-scored in fp32: %d", name, seconds,
+                result.config["scoring"], result.config["pairs_rescored_fp32"])
+    return {"seconds": seconds, "summary": result.summary, "records": result.records,
+            "rescored": result.config["pairs_rescored_fp32"]}
+
+
+def flips(exact: list[dict], other: list[dict]) -> list[dict]:
+    """Every prompt whose success differs, and every record kind whose accuracy differs."""
+    out = []
+    for a, b in zip(exact, other, strict=True):
+        for kind in KINDS:
+            if a[kind] is None:
+                continue
+            for pa, pb in zip(a[kind]["prompts"], b[kind]["prompts"], strict=True):
+                if pa["success"] != pb["success"]:
+                    out.append({"case_id": a["case_id"], "kind": kind, "prompt": pa["prompt"],
+                                "margin_fp32": pa["nll_new"] - pa["nll_true"],
+                                "margin_other": pb["nll_new"] - pb["nll_true"]})
+            if a[kind]["acc"] != b[kind]["acc"]:
+                out.append({"case_id": a["case_id"], "kind": kind + "_acc", "fp32": a[kind]["acc"],
+                            "other": b[kind]["acc"]})
+    return out
+
+
+def margin_shifts(exact: list[dict], other: list[dict]) -> dict:
+    """How far bf16 moved ``nll_new - nll_true`` over all compared prompts."""
+    shifts = torch.tensor([abs((pa["nll_new"] - pa["nll_true"]) - (pb["nll_new"] - pb["nll_true"]))
+                           for a, b in zip(exact, other) for kind in KINDS if a[kind] is not None
+                           for pa, pb in zip(a[kind]["prompts"], b[kind]["prompts"])], dtype=torch.float64)
+    q = torch.quantile(shifts, torch.tensor([0.5, 0.99, 0.999], dtype=torch.float64)).tolist()
+    return {"n": len(shifts), "median": q[0], "p99": q[1], "p999": q[2], "max": shifts.max().item()}
+
+
+def report(results: dict, shifts: dict, all_flips: dict) -> None:
+    logger.info("%-24s %12s %12s %14s", "metric", *PASSES)
+    for key in METRICS:
+        logger.info("%-24s %12.4f %12.4f %14.4f", key, *(results[p]["summary"][key] for p in PASSES))
+    logger.info("|shift of nll_new - nll_true| under bf16 over %d prompts: median %.4f, p99 %.4f, p99.9 %.4f, "
+                "max %.4f", shifts["n"], shifts["median"], shifts["p99"], shifts["p999"], shifts["max"])
+    for name in PASSES[1:]:
+        logger.info("%s: %d flips against fp32; time %.1f s vs %.1f s (%.2fx)", name, len(all_flips[name]),
+                    results[name]["seconds"], results["fp32"]["seconds"],
+                    results["fp32"]["seconds"] / results[name]["seconds"])
+        for f in all_flips[name]:
+            logger.info("  flip %s", f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--tiny", action="store_true", help="tiny random Gemma-3 model (smoke run)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=scoring.NEAR_TIE, help="near-tie margin (NEAR_TIE)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures and flips as JSON")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logger.info("torch %s, threads %d, NEAR_TIE %.3g", torch.__version__, torch.get_num_threads(), args.threshold)
+    model, tok = load(args)
+    requests = load_requests(args.data, n=args.n, offset=args.offset).requests
+    logger.info("%d records of %s from %d", len(requests), args.data, args.offset)
+    results = {name: run_pass(model, tok, requests, name, args) for name in PASSES}
+    exact = results["fp32"]["records"]
+    all_flips = {name: flips(exact, results[name]["records"]) for name in PASSES[1:]}
+    shifts = margin_shifts(exact, results["bf16"]["records"])
+    report(results, shifts, all_flips)
+    if args.out:
+        write_json_atomic(args.out, {
+            "data": args.data, "n": len(requests), "offset": args.offset, "threshold": args.threshold,
+            "threads": torch.get_num_threads(), "margin_shift": shifts, "flips": all_flips,
+            "passes": {k: {"seconds": v["seconds"], "rescored": v["rescored"], "summary": v["summary"]}
+                       for k, v in results.items()}})
+
+
+if __name__ == "__main__":
+    main()
