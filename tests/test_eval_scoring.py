@@ -153,3 +153,31 @@ def test_pair_without_target_tokens_rejected(llama_model, llama_tok):
     for pair in (EncodedPair((2, 5, 6), 3), EncodedPair((5, 6), 0)):
         with pytest.raises(ValueError, match="needs a prompt token and a target token"):
             scoring.score_encoded(llama_model, [pair], llama_tok.pad_token_id)
+
+
+def _run_batch_before_row_sharing(model, parts, batch, pad_token_id, out, starts, margins):
+    """The batch routine as it was before one-token targets shared their head row: one head row per query."""
+    from ftedit.tokenization import EncodedPair, pad_right
+
+    padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id)
+    queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
+    rows, cols = torch.tensor([q[0] for q in queries]), torch.tensor([q[1] for q in queries])
+    targets = torch.tensor([q[2] for q in queries])
+    where = torch.tensor([starts[q[3]] + q[4] for q in queries])
+    logprobs, argmax = [], []
+    for start, logits in zip(range(0, len(queries), scoring.HEAD_CHUNK), scoring._position_logits(
+            model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
+        chunk_targets = targets[start:start + len(logits)]
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1))
+        argmax.append(logits.argmax(dim=-1))
+    out.lp[where] = torch.cat(logprobs).double()
+    out.am[where] = torch.cat(argmax)
+
+
+def test_shared_head_rows_give_bit_identical_fp32_scores(model_tok, monkeypatch):
+    model, tok = model_tok
+    pairs = PAIRS + [(p, t) for p in ("Paris is the capital of", "The mother tongue of Danielle Darrieux is")
+                     for t in ("Berlin", "France", "English")]
+    new = score_pairs(model, tok, pairs, batch_size=4)
+    monkeypatch.setattr(scoring, "_run_batch", _run_batch_before_row_sharing)
+    assert score_pairs(model, tok, pairs, batch_size=4) == new

@@ -128,9 +128,10 @@ def _carriers(pairs: Sequence[EncodedPair]) -> list[_Carrier]:
     return carriers
 
 
-def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: _Flat, starts: Sequence[int]) -> None:
-    """Forward one batch of carriers; write target log-probs, argmax and argmax margins into ``out``
-    (pair ``k``'s token ``i`` lives at ``starts[k] + i``)."""
+def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: _Flat, starts: Sequence[int],
+               margins: bool) -> None:
+    """Forward one batch of carriers; write target log-probs, argmax and (``margins``) argmax margins into
+    ``out`` (pair ``k``'s token ``i`` lives at ``starts[k] + i``)."""
     padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id).to(model_device(model))
     queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
     device = padded.input_ids.device
@@ -138,21 +139,22 @@ def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: 
     cols = torch.tensor([q[1] for q in queries], device=device)
     targets = torch.tensor([q[2] for q in queries], device=device)
     where = torch.tensor([starts[q[3]] + q[4] for q in queries])
-    logprobs, argmax, margins = [], [], []
-    for start, logits in zip(range(0, len(queries), HEAD_CHUNK),
-                             _position_logits(model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
-        chunk_targets = targets[start:start + len(logits)]
+    # the one-token targets of a prompt are read at one position: the head and softmax run there once
+    width = padded.input_ids.shape[1]
+    positions, inverse = torch.unique(rows * width + cols, return_inverse=True)
+    for start, logits in zip(range(0, len(positions), HEAD_CHUNK), _position_logits(
+            model, parts, padded.input_ids, padded.attention_mask, positions // width, positions % width)):
+        mine = ((inverse >= start) & (inverse < start + len(logits))).nonzero().squeeze(1)
+        local, chunk_targets, dest = inverse[mine] - start, targets[mine], where[mine.cpu()]
         logp = torch.log_softmax(logits, dim=-1)
-        target_lp = logp.gather(1, chunk_targets[:, None]).squeeze(1)
-        top = logp.topk(2, dim=-1)
-        logprobs.append(target_lp)
-        argmax.append(logits.argmax(dim=-1))
-        # distance of the target's argmax decision from flipping: to the best other token
-        best_other = torch.where(top.indices[:, 0] == chunk_targets, top.values[:, 1], top.values[:, 0])
-        margins.append((target_lp - best_other).abs())
-    out.lp[where] = torch.cat(logprobs).double().cpu()
-    out.am[where] = torch.cat(argmax).cpu()
-    out.margin[where] = torch.cat(margins).double().cpu()
+        target_lp = logp[local, chunk_targets]
+        out.lp[dest] = target_lp.double().cpu()
+        out.am[dest] = logits.argmax(dim=-1)[local].cpu()
+        if margins:  # distance of the target's argmax decision from flipping: to the best other token
+            top = logp.topk(2, dim=-1)
+            best_other = torch.where(top.indices[local, 0] == chunk_targets, top.values[local, 1],
+                                     top.values[local, 0])
+            out.margin[dest] = (target_lp - best_other).abs().double().cpu()
 
 
 @dataclass
@@ -166,7 +168,7 @@ class _Flat:
     @classmethod
     def zeros(cls, n: int) -> _Flat:
         return cls(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long),
-                   torch.zeros(n, dtype=torch.float64))
+                   torch.full((n,), math.inf, dtype=torch.float64))
 
 
 def _offsets(pairs: Sequence[EncodedPair]) -> list[int]:
@@ -177,15 +179,15 @@ def _offsets(pairs: Sequence[EncodedPair]) -> list[int]:
 
 
 def _score_distinct(model, parts: LMParts, distinct: Sequence[EncodedPair], pad_token_id: int, batch_size: int,
-                    progress: bool, desc: str) -> tuple[list[PairScore], list[float]]:
-    """Scores of distinct pairs and each pair's smallest argmax margin (log-prob of the target against the best
-    other token)."""
+                    progress: bool, desc: str, margins: bool = False) -> tuple[list[PairScore], list[float]]:
+    """Scores of distinct pairs and (``margins``; else inf) each pair's smallest argmax margin: the log-prob of
+    the target against the best other token."""
     starts = _offsets(distinct)
     out = _Flat.zeros(starts[-1])
     carriers = _carriers(distinct)
     for idx in tqdm(_length_batches([len(c.ids) for c in carriers], batch_size), desc=desc,
                     disable=not progress, unit="batch"):
-        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, out, starts)
+        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, out, starts, margins)
     flat_lp, flat_am, flat_margin = out.lp.tolist(), out.am.tolist(), out.margin.tolist()
     scores = [PairScore(p.target_ids, tuple(flat_lp[a:b]), tuple(flat_am[a:b]))
               for p, a, b in zip(distinct, starts, starts[1:])]
@@ -237,7 +239,7 @@ def score_encoded(
     parts = lm_parts(model)  # verified outside autocast
     device, bf16 = model_device(model), scoring_autocast(model)
     with autocast(device, bf16):
-        scores, margins = _score_distinct(model, parts, distinct, pad_token_id, batch_size, progress, desc)
+        scores, margins = _score_distinct(model, parts, distinct, pad_token_id, batch_size, progress, desc, bf16)
     redo = near_ties(scores, margins, [(unique[pairs[a]], unique[pairs[b]]) for a, b in compare]) \
         if bf16 and rescore else []
     if redo:
