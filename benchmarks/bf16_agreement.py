@@ -1,14 +1,18 @@
 """fp32 against bf16 scoring of the same COUNTERFACT records, side by side: every flipped decision, and the time of each.
 
-Three passes over the same records with one model (fp32 weights):
+Four passes over the same records with one model (fp32 weights):
 
-* ``fp32``: the exact path (``--dtype fp32``);
+* ``before``: scoring as it was before this benchmark's changes: fp32, one LM-head row per (position, target)
+  (the old batch routine, kept here verbatim);
+* ``fp32``: the exact path (``--dtype fp32``), one-token targets of a prompt sharing their head row;
 * ``bf16``: plain bf16 autocast, near-tie re-scoring off;
 * ``bf16+rescore``: bf16 autocast with the near-ties re-scored in fp32 (ftedit's default on CPUs with bf16 units).
 
 A flip is a prompt whose success (ES/PS/NS) differs from the fp32 pass, or a record kind whose accuracy
 (``*_acc``) differs. The script also reports how far bf16 moved each compared NLL margin (``nll_new - nll_true``),
-the quantity :data:`ftedit.evaluate.scoring.NEAR_TIE` must cover.
+the quantity :data:`ftedit.evaluate.scoring.NEAR_TIE` must cover, and the work that sharing saves: (prompt,
+target) requests, distinct pairs, sequences run, head rows, and padded tokens with batches sorted by length
+against batches in input order.
 
     python benchmarks/bf16_agreement.py --n 1000                 # demo model, counterfact-edit.json records 0..999
     python benchmarks/bf16_agreement.py --data .../counterfact-train.json --n 300   # choose NEAR_TIE here
@@ -29,8 +33,9 @@ import torch
 from ftedit.atomic import write_json_atomic
 from ftedit.data.loaders import load_requests
 from ftedit.evaluate import evaluate_requests, scoring
-from ftedit.evaluate.counterfact import KINDS
+from ftedit.evaluate.counterfact import KINDS, _plan
 from ftedit.precision import ENV_OVERRIDE, set_requested
+from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
 logger = logging.getLogger("bf16_agreement")
 
@@ -38,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "easyedit" / "counterfact-edit.json"
 METRICS = ("efficacy", "generalization", "locality", "efficacy_acc", "generalization_acc", "locality_acc",
            "efficacy_magnitude", "locality_magnitude", "edit_score")
-PASSES = ("fp32", "bf16", "bf16+rescore")
+PASSES = ("before", "fp32", "bf16", "bf16+rescore")
 
 
 def load(args):
@@ -55,11 +60,50 @@ def load(args):
     return model, tok
 
 
+def _run_batch_before(model, parts, batch, pad_token_id, out, starts, margins):
+    """The batch routine before one-token targets shared their head row: one head row and softmax per query."""
+    padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id)
+    queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
+    rows, cols = torch.tensor([q[0] for q in queries]), torch.tensor([q[1] for q in queries])
+    targets = torch.tensor([q[2] for q in queries])
+    where = torch.tensor([starts[q[3]] + q[4] for q in queries])
+    logprobs, argmax = [], []
+    for start, logits in zip(range(0, len(queries), scoring.HEAD_CHUNK), scoring._position_logits(
+            model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
+        chunk_targets = targets[start:start + len(logits)]
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1))
+        argmax.append(logits.argmax(dim=-1))
+    out.lp[where] = torch.cat(logprobs).double()
+    out.am[where] = torch.cat(argmax)
+
+
+CURRENT_RUN_BATCH = scoring._run_batch
+
+
 def configure(model, name: str, threshold: float) -> None:
     """Put the model and the scorer into one of PASSES (bf16 is forced on, whatever the CPU flags say)."""
     os.environ[ENV_OVERRIDE] = "1"
-    set_requested(model, "fp32" if name == "fp32" else "auto")
+    set_requested(model, "fp32" if name in ("before", "fp32") else "auto")
     scoring.NEAR_TIE = threshold if name == "bf16+rescore" else 0.0
+    scoring._run_batch = _run_batch_before if name == "before" else CURRENT_RUN_BATCH
+
+
+def _padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def work(tok, requests, batch_size: int) -> dict:
+    """What the shared work saves on these records (counts only; no model needed)."""
+    pairs = [encode_pair(tok, p, t) for p, t in _plan(requests).pairs]
+    distinct = list(dict.fromkeys(pairs))
+    carriers = scoring._carriers(distinct)
+    lengths = [len(c.ids) for c in carriers]
+    in_order = [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    return {"requests": len(pairs), "distinct_pairs": len(distinct), "sequences": len(carriers),
+            "head_rows_before": sum(len(c.queries) for c in carriers),
+            "head_rows": sum(len({q[0] for q in c.queries}) for c in carriers),
+            "padded_tokens_sorted": _padded_tokens(lengths, scoring._length_batches(lengths, batch_size)),
+            "padded_tokens_input_order": _padded_tokens(lengths, in_order), "real_tokens": sum(lengths)}
 
 
 def run_pass(model, tok, requests, name: str, args) -> dict:
@@ -102,15 +146,15 @@ def margin_shifts(exact: list[dict], other: list[dict]) -> dict:
 
 
 def report(results: dict, shifts: dict, all_flips: dict) -> None:
-    logger.info("%-24s %12s %12s %14s", "metric", *PASSES)
+    logger.info("%-24s %12s %12s %12s %14s", "metric", *PASSES)
     for key in METRICS:
-        logger.info("%-24s %12.4f %12.4f %14.4f", key, *(results[p]["summary"][key] for p in PASSES))
+        logger.info("%-24s %12.4f %12.4f %12.4f %14.4f", key, *(results[p]["summary"][key] for p in PASSES))
     logger.info("|shift of nll_new - nll_true| under bf16 over %d prompts: median %.4f, p99 %.4f, p99.9 %.4f, "
                 "max %.4f", shifts["n"], shifts["median"], shifts["p99"], shifts["p999"], shifts["max"])
-    for name in PASSES[1:]:
-        logger.info("%s: %d flips against fp32; time %.1f s vs %.1f s (%.2fx)", name, len(all_flips[name]),
-                    results[name]["seconds"], results["fp32"]["seconds"],
-                    results["fp32"]["seconds"] / results[name]["seconds"])
+    for name in PASSES:
+        logger.info("%s: %d flips against fp32; time %.1f s, %.2fx faster than before", name,
+                    len(all_flips[name]), results[name]["seconds"],
+                    results["before"]["seconds"] / results[name]["seconds"])
         for f in all_flips[name]:
             logger.info("  flip %s", f)
 
@@ -133,13 +177,17 @@ def main() -> None:
     logger.info("%d records of %s from %d", len(requests), args.data, args.offset)
     results = {name: run_pass(model, tok, requests, name, args) for name in PASSES}
     exact = results["fp32"]["records"]
-    all_flips = {name: flips(exact, results[name]["records"]) for name in PASSES[1:]}
+    all_flips = {name: flips(exact, results[name]["records"]) for name in PASSES}
     shifts = margin_shifts(exact, results["bf16"]["records"])
+    shared = work(tok, requests, args.batch_size)
+    logger.info("work: %s", shared)
     report(results, shifts, all_flips)
+    same = results["before"]["summary"] | {"seconds": 0} == results["fp32"]["summary"] | {"seconds": 0}
+    logger.info("fp32 summary bit-identical to before: %s", same)
     if args.out:
         write_json_atomic(args.out, {
             "data": args.data, "n": len(requests), "offset": args.offset, "threshold": args.threshold,
-            "threads": torch.get_num_threads(), "margin_shift": shifts, "flips": all_flips,
+            "threads": torch.get_num_threads(), "margin_shift": shifts, "flips": all_flips, "work": shared,
             "passes": {k: {"seconds": v["seconds"], "rescored": v["rescored"], "summary": v["summary"]}
                        for k, v in results.items()}})
 
