@@ -137,3 +137,20 @@ def test_counterfact_rates_agree_with_fp32_only_thanks_to_the_rescoring(monkeypa
     monkeypatch.setattr(scoring, "NEAR_TIE", 0.0)
     plain_bf16 = _rates(monkeypatch, llama_model, llama_tok, requests, "1")
     assert {k: v for k, v in plain_bf16.items() if k != "scoring"} != exact
+
+
+def test_cast_once_region_scores_as_plain_autocast_and_restores_frozen_flags(monkeypatch, llama_model, llama_tok):
+    from ftedit.precision import autocast, scoring_context
+    from ftedit.tokenization import encode_pair
+
+    encoded = [encode_pair(llama_tok, p, t) for p, t in PAIRS[:5]]
+    parts = forward.lm_parts(llama_model)
+    llama_model.lm_head.weight.requires_grad_(True)  # a trainable weight stays trainable
+    flags = [p.requires_grad for p in llama_model.parameters()]
+    with torch.no_grad(), autocast(torch.device("cpu"), True):
+        plain = scoring._score_distinct(llama_model, parts, encoded, llama_tok.pad_token_id, 2, False, "", True)
+    with torch.no_grad(), scoring_context(llama_model, True):
+        assert all(p.requires_grad for p in llama_model.parameters())
+        cached = scoring._score_distinct(llama_model, parts, encoded, llama_tok.pad_token_id, 2, False, "", True)
+    assert cached == plain
+    assert [p.requires_grad for p in llama_model.parameters()] == flags

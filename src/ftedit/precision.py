@@ -110,3 +110,31 @@ def autocast(device: torch.device, enabled: bool):
     if device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def scoring_context(model, enabled: bool):
+    """Scoring's precision region: fp32 (autocast off), or bf16 autocast in which each weight is cast once.
+
+    autocast caches only the casts of leaves that require grad; uncached, every forward would cast every frozen
+    weight again (for Gemma's 168M-entry head, longer than the head's matmul). So frozen weights are marked as
+    requiring grad while the region runs; scoring runs under no_grad, so no graph is built. Inside an outer
+    autocast region (training) the cache would outlive this one, and a sharded model's parameters are FSDP's:
+    there the weights are cast per forward as before.
+    """
+    device = _first_param(model).device
+    from ftedit.distributed import is_sharded
+
+    if not enabled or torch.is_autocast_enabled(device.type) or is_sharded(model) or device.type != "cpu":
+        with autocast(device, enabled):
+            yield
+        return
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=True):
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)

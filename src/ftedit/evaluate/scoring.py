@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ftedit.forward import LMParts, apply_head, body_hidden, lm_parts, model_device
-from ftedit.precision import autocast, scoring_autocast
+from ftedit.precision import autocast, scoring_autocast, scoring_context
 from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def score_encoded(
     distinct = list(unique)
     parts = lm_parts(model)  # verified outside autocast
     device, bf16 = model_device(model), scoring_autocast(model)
-    with autocast(device, bf16):
+    with scoring_context(model, bf16):
         scores, margins = _score_distinct(model, parts, distinct, pad_token_id, batch_size, progress, desc, bf16)
     redo = near_ties(scores, margins, [(unique[pairs[a]], unique[pairs[b]]) for a, b in compare]) \
         if bf16 and rescore else []
