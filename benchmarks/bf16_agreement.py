@@ -2,9 +2,8 @@
 
 Four passes over the same records with one model (fp32 weights):
 
-* ``before``: scoring as it was before this benchmark's changes: fp32, one LM-head row per (position, target)
-  (the old batch routine, kept here verbatim);
-* ``fp32``: the exact path (``--dtype fp32``), one-token targets of a prompt sharing their head row;
+* ``before``: scoring as it was before bf16 scoring: fp32, the old batch routine, kept here verbatim;
+* ``fp32``: the exact path (``--dtype fp32``), which must match ``before`` bit for bit;
 * ``bf16``: plain bf16 autocast, near-tie re-scoring off;
 * ``bf16+rescore``: bf16 autocast with the near-ties re-scored in fp32 (ftedit's default on CPUs with bf16 units).
 
@@ -62,7 +61,7 @@ def load(args):
 
 
 def _run_batch_before(model, parts, batch, pad_token_id, out, starts, margins):
-    """The batch routine before one-token targets shared their head row: one head row and softmax per query."""
+    """The batch routine before bf16 scoring: one head row and softmax per query, fp32."""
     padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id)
     queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
     rows, cols = torch.tensor([q[0] for q in queries]), torch.tensor([q[1] for q in queries])

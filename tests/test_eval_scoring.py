@@ -174,10 +174,29 @@ def _run_batch_before_row_sharing(model, parts, batch, pad_token_id, out, starts
     out.am[where] = torch.cat(argmax)
 
 
-def test_shared_head_rows_give_bit_identical_fp32_scores(model_tok, monkeypatch):
+def _more_pairs():
+    return PAIRS + [(p, t) for p in ("Paris is the capital of", "The mother tongue of Danielle Darrieux is")
+                    for t in ("Berlin", "France", "English")]
+
+
+def test_fp32_scores_are_bit_identical_to_the_routine_before(model_tok, monkeypatch):
     model, tok = model_tok
-    pairs = PAIRS + [(p, t) for p in ("Paris is the capital of", "The mother tongue of Danielle Darrieux is")
-                     for t in ("Berlin", "France", "English")]
-    new = score_pairs(model, tok, pairs, batch_size=4)
+    new = score_pairs(model, tok, _more_pairs(), batch_size=4)
     monkeypatch.setattr(scoring, "_run_batch", _run_batch_before_row_sharing)
-    assert score_pairs(model, tok, pairs, batch_size=4) == new
+    assert score_pairs(model, tok, _more_pairs(), batch_size=4) == new
+
+
+def test_bf16_scoring_shares_head_rows_of_one_token_targets(gpt2_model, gpt2_tok, monkeypatch):
+    """The byte-level tokenizer makes "France" one token: it is read at the row that predicts the first token
+    of "Berlin" and "English" after the same prompt, so bf16 scoring runs fewer head rows than fp32."""
+    from ftedit.precision import ENV_OVERRIDE
+
+    rows = []
+    gpt2_model.get_output_embeddings().register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(scoring, "NEAR_TIE", 0.0)
+    exact = score_pairs(gpt2_model, gpt2_tok, _more_pairs())
+    fp32_rows, rows[:] = sum(rows), []
+    monkeypatch.setenv(ENV_OVERRIDE, "1")
+    mixed = score_pairs(gpt2_model, gpt2_tok, _more_pairs())
+    assert sum(rows) < fp32_rows
+    assert all(a.logprobs == pytest.approx(b.logprobs, abs=0.1) for a, b in zip(exact, mixed))

@@ -130,8 +130,8 @@ def _carriers(pairs: Sequence[EncodedPair]) -> list[_Carrier]:
 
 
 def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: _Flat, starts: Sequence[int],
-               margins: bool) -> None:
-    """Forward one batch of carriers; write target log-probs, argmax and (``margins``) argmax margins into
+               bf16: bool) -> None:
+    """Forward one batch of carriers; write target log-probs, argmax and (``bf16``) argmax margins into
     ``out`` (pair ``k``'s token ``i`` lives at ``starts[k] + i``)."""
     padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id).to(model_device(model))
     queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
@@ -140,9 +140,12 @@ def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: 
     cols = torch.tensor([q[1] for q in queries], device=device)
     targets = torch.tensor([q[2] for q in queries], device=device)
     where = torch.tensor([starts[q[3]] + q[4] for q in queries])
-    # the one-token targets of a prompt are read at one position: the head and softmax run there once
+    # under bf16 the one-token targets of a prompt share one head row and softmax; fp32 keeps a row per query,
+    # since a head matmul over fewer rows rounds differently (fp32 scores stay bit-identical across versions)
     width = padded.input_ids.shape[1]
-    positions, inverse = torch.unique(rows * width + cols, return_inverse=True)
+    flat = rows * width + cols
+    positions, inverse = torch.unique(flat, return_inverse=True) if bf16 else \
+        (flat, torch.arange(len(flat), device=device))
     for start, logits in zip(range(0, len(positions), HEAD_CHUNK), _position_logits(
             model, parts, padded.input_ids, padded.attention_mask, positions // width, positions % width)):
         mine = ((inverse >= start) & (inverse < start + len(logits))).nonzero().squeeze(1)
@@ -151,7 +154,7 @@ def _run_batch(model, parts, batch: Sequence[_Carrier], pad_token_id: int, out: 
         target_lp = logp[local, chunk_targets]
         out.lp[dest] = target_lp.double().cpu()
         out.am[dest] = logits.argmax(dim=-1)[local].cpu()
-        if margins:  # distance of the target's argmax decision from flipping: to the best other token
+        if bf16:  # distance of the target's argmax decision from flipping: to the best other token
             top = logp.topk(2, dim=-1)
             best_other = torch.where(top.indices[local, 0] == chunk_targets, top.values[local, 1],
                                      top.values[local, 0])
@@ -180,15 +183,15 @@ def _offsets(pairs: Sequence[EncodedPair]) -> list[int]:
 
 
 def _score_distinct(model, parts: LMParts, distinct: Sequence[EncodedPair], pad_token_id: int, batch_size: int,
-                    progress: bool, desc: str, margins: bool = False) -> tuple[list[PairScore], list[float]]:
-    """Scores of distinct pairs and (``margins``; else inf) each pair's smallest argmax margin: the log-prob of
+                    progress: bool, desc: str, bf16: bool = False) -> tuple[list[PairScore], list[float]]:
+    """Scores of distinct pairs and (``bf16``; else inf) each pair's smallest argmax margin: the log-prob of
     the target against the best other token."""
     starts = _offsets(distinct)
     out = _Flat.zeros(starts[-1])
     carriers = _carriers(distinct)
     for idx in tqdm(_length_batches([len(c.ids) for c in carriers], batch_size), desc=desc,
                     disable=not progress, unit="batch"):
-        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, out, starts, margins)
+        _run_batch(model, parts, [carriers[i] for i in idx], pad_token_id, out, starts, bf16)
     flat_lp, flat_am, flat_margin = out.lp.tolist(), out.am.tolist(), out.margin.tolist()
     scores = [PairScore(p.target_ids, tuple(flat_lp[a:b]), tuple(flat_am[a:b]))
               for p, a, b in zip(distinct, starts, starts[1:])]
