@@ -100,8 +100,8 @@ def work(tok, requests, batch_size: int) -> dict:
     lengths = [len(c.ids) for c in carriers]
     in_order = [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
     return {"requests": len(pairs), "distinct_pairs": len(distinct), "sequences": len(carriers),
-            "head_rows_before": sum(len(c.queries) for c in carriers),
-            "head_rows": sum(len({q[0] for q in c.queries}) for c in carriers),
+            "head_rows_fp32": sum(len(c.queries) for c in carriers),
+            "head_rows_bf16": sum(len({q[0] for q in c.queries}) for c in carriers),
             "padded_tokens_sorted": _padded_tokens(lengths, scoring._length_batches(lengths, batch_size)),
             "padded_tokens_input_order": _padded_tokens(lengths, in_order), "real_tokens": sum(lengths)}
 
