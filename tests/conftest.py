@@ -10,6 +10,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 from ftedit.models import prepare_tokenizer  # noqa: E402
+from ftedit.precision import ENV_OVERRIDE  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _host_independent_precision(monkeypatch):
+    """Tests see a CPU without bf16 units, whatever the host has; the tests of auto precision opt in."""
+    monkeypatch.setenv(ENV_OVERRIDE, "0")
 
 
 @pytest.fixture(scope="session")

@@ -153,3 +153,50 @@ def test_pair_without_target_tokens_rejected(llama_model, llama_tok):
     for pair in (EncodedPair((2, 5, 6), 3), EncodedPair((5, 6), 0)):
         with pytest.raises(ValueError, match="needs a prompt token and a target token"):
             scoring.score_encoded(llama_model, [pair], llama_tok.pad_token_id)
+
+
+def _run_batch_before_row_sharing(model, parts, batch, pad_token_id, out, starts, margins):
+    """The batch routine as it was before one-token targets shared their head row: one head row per query."""
+    from ftedit.tokenization import EncodedPair, pad_right
+
+    padded = pad_right([EncodedPair(c.ids, len(c.ids)) for c in batch], pad_token_id)
+    queries = [(row, *q) for row, c in enumerate(batch) for q in c.queries]
+    rows, cols = torch.tensor([q[0] for q in queries]), torch.tensor([q[1] for q in queries])
+    targets = torch.tensor([q[2] for q in queries])
+    where = torch.tensor([starts[q[3]] + q[4] for q in queries])
+    logprobs, argmax = [], []
+    for start, logits in zip(range(0, len(queries), scoring.HEAD_CHUNK), scoring._position_logits(
+            model, parts, padded.input_ids, padded.attention_mask, rows, cols)):
+        chunk_targets = targets[start:start + len(logits)]
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, chunk_targets[:, None]).squeeze(1))
+        argmax.append(logits.argmax(dim=-1))
+    out.lp[where] = torch.cat(logprobs).double()
+    out.am[where] = torch.cat(argmax)
+
+
+def _more_pairs():
+    return PAIRS + [(p, t) for p in ("Paris is the capital of", "The mother tongue of Danielle Darrieux is")
+                    for t in ("Berlin", "France", "English")]
+
+
+def test_fp32_scores_are_bit_identical_to_the_routine_before(model_tok, monkeypatch):
+    model, tok = model_tok
+    new = score_pairs(model, tok, _more_pairs(), batch_size=4)
+    monkeypatch.setattr(scoring, "_run_batch", _run_batch_before_row_sharing)
+    assert score_pairs(model, tok, _more_pairs(), batch_size=4) == new
+
+
+def test_bf16_scoring_shares_head_rows_of_one_token_targets(gpt2_model, gpt2_tok, monkeypatch):
+    """The byte-level tokenizer makes "France" one token: it is read at the row that predicts the first token
+    of "Berlin" and "English" after the same prompt, so bf16 scoring runs fewer head rows than fp32."""
+    from ftedit.precision import ENV_OVERRIDE
+
+    rows = []
+    gpt2_model.get_output_embeddings().register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(scoring, "NEAR_TIE", 0.0)
+    exact = score_pairs(gpt2_model, gpt2_tok, _more_pairs())
+    fp32_rows, rows[:] = sum(rows), []
+    monkeypatch.setenv(ENV_OVERRIDE, "1")
+    mixed = score_pairs(gpt2_model, gpt2_tok, _more_pairs())
+    assert sum(rows) < fp32_rows
+    assert all(a.logprobs == pytest.approx(b.logprobs, abs=0.1) for a, b in zip(exact, mixed))

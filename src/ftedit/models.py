@@ -26,6 +26,7 @@ import torch
 from ftedit.atomic import atomic_directory
 from ftedit.cache import cache_dir, cache_path, file_digest, model_fingerprint
 from ftedit.errors import EXIT_MODEL, FteditError, InputError
+from ftedit.precision import scoring_autocast, scoring_label, set_requested
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +310,9 @@ def load_model(
     """Load ``(model, tokenizer, identity)`` from a hub name, a local HF dir, a ``.gguf`` file or a bundled name,
     or a peft adapter directory (its base model, named in adapter_config.json, with the adapter loaded).
 
-    Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU.
+    Device defaults to CUDA when present, else CPU; dtype defaults to bf16 on CUDA, fp32 on CPU. With the default
+    ``dtype="auto"`` on a CPU with bf16 matmul units, training and scoring run fp32 weights under bf16 autocast
+    (:mod:`ftedit.precision`); ``dtype="fp32"`` keeps them exact.
     ``device="auto"`` spreads the layers over all GPUs (and CPU) with accelerate's ``device_map="auto"``,
     for models that do not fit one GPU. ``quantize="4bit"``/``"8bit"`` loads the base weights through
     bitsandbytes (CUDA only); train LoRA adapters on them (``params.method=lora``).
@@ -343,6 +346,7 @@ def load_model(
     if "device_map" not in placement:
         model.to(device)
     model.eval()
+    set_requested(model, dtype)
     identity = ModelIdentity(
         spec=spec,
         source=source,
@@ -351,7 +355,8 @@ def load_model(
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=str(torch_dtype).replace("torch.", ""),
         fingerprint=fingerprint,
-        extra={k: v for k, v in {"quantize": quantize, "device_map": placement.get("device_map")}.items() if v},
+        extra={k: v for k, v in {"quantize": quantize, "device_map": placement.get("device_map"),
+                                 "compute": scoring_label(model) if scoring_autocast(model) else None}.items() if v},
     )
     return model, prepare_tokenizer(tok), identity
 

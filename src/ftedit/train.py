@@ -26,6 +26,7 @@ from ftedit.checkpoint import RunCheckpoint
 from ftedit.data.examples import TrainingExample
 from ftedit.distributed import DataParallel
 from ftedit.forward import PrefixActivations, labelled_logits, per_example_margin, per_example_nll
+from ftedit.precision import train_autocast
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TrainConfig:
     stop_margin: float = 0.0
     fresh_optimizer_per_edit: bool = False  # depth: a new optimizer for each edit (EasyEdit's FT/FT-M do)
     steps_per_edit: int = 25  # depth-first: maximum optimizer steps for each edit
-    mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16" or "no"
+    mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA and bf16-capable CPUs; see ftedit.precision), "bf16" or "no"
     cache_activations: bool = True  # run the frozen blocks below the first trainable one once, not every step
     group_by_length: bool = False  # breadth: batches of similar length (less padding), batch order still shuffled
     gradient_checkpointing: bool = False  # recompute the trainable blocks' activations in backward (less memory)
@@ -252,10 +253,10 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw, adam or sgd")
 
 
-def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+def _use_bf16(cfg: TrainConfig, model) -> bool:
     mode = cfg.mixed_precision
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mode == "auto":  # bf16 on CUDA and on CPUs with bf16 units, unless the model was loaded as fp32
+        mode = "bf16" if train_autocast(model) else "no"
     if mode not in ("bf16", "no"):
         raise ValueError(f"mixed_precision={mode!r}: use 'auto', 'bf16' or 'no' (fp16 would need loss scaling)")
     return mode == "bf16"
@@ -376,7 +377,7 @@ def train(model, tok, examples: Sequence[TrainingExample], params: list[nn.Param
     model.eval()  # editing is deterministic: no dropout
     run = _train_breadth if cfg.pipeline == "breadth" else _train_depth
     start = time.perf_counter()
-    bf16 = _use_bf16(cfg, device)
+    bf16 = _use_bf16(cfg, model)
     with _autocast(bf16, device), _fp32_master_weights(params, bf16), \
             _checkpointed_blocks(model, cfg.gradient_checkpointing, prefix_layers):
         # cache and DPO reference in the same precision as training

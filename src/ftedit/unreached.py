@@ -57,7 +57,8 @@ def unreached_edits(model, tok, requests: Sequence[EditRequest], *, batch_size: 
         pairs.append((req.prompt, req.target_new))
         if req.target_true:
             pairs.append((req.prompt, req.target_true))
-    scores = score_pairs(model, tok, pairs, batch_size=batch_size, desc="reached?")
+    compare = [(slot, slot + 1) for req, slot in zip(requests, slots) if req.target_true]
+    scores = score_pairs(model, tok, pairs, batch_size=batch_size, desc="reached?", compare=compare)
     missed = []
     for i, (req, slot) in enumerate(zip(requests, slots)):
         new = scores[slot]

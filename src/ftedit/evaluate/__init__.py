@@ -23,6 +23,7 @@ from ftedit.evaluate.counterfact import evaluate_counterfact
 from ftedit.evaluate.generation import GenerationOptions, evaluate_generation
 from ftedit.evaluate.scoring import PairScore, next_token_topk, score_pairs
 from ftedit.evaluate.zsre import evaluate_zsre
+from ftedit.precision import scoring_label
 
 PROTOCOLS = ("auto", "counterfact", "zsre")
 
@@ -105,7 +106,9 @@ def evaluate_requests(
     was_training = model.training
     model.eval()
     try:
-        summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing)
+        stats: dict = {}
+        summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing,
+                               stats=stats)
         if generation is not None:
             gen_summary, gen_records = evaluate_generation(
                 model, tok, requests, generation, snippets=snippets, vectorizer=vectorizer,
@@ -115,6 +118,7 @@ def evaluate_requests(
         model.train(was_training)
     summary["seconds"] = time.perf_counter() - start
     config = {"protocol": chosen, "protocol_requested": protocol, "batch_size": batch_size, "missing": missing,
+              "scoring": scoring_label(model), "pairs_rescored_fp32": stats.get("rescored", 0),
               "generation": generation.to_dict() if generation else None}
     return EvalResult(chosen, summary, records if details else None, config)
 

@@ -112,10 +112,15 @@ def evaluate_counterfact(
     batch_size: int = 32,
     progress: bool = True,
     missing: str = "error",
+    stats: dict | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(summary, per-record details)`` under the ROME/MEMIT COUNTERFACT protocol (summary values x100)."""
+    """``(summary, per-record details)`` under the ROME/MEMIT COUNTERFACT protocol (summary values x100).
+    ``stats``: see :func:`ftedit.evaluate.scoring.score_encoded`."""
     validate(requests, missing)
     plan = _plan(requests)
-    scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact")
+    # each (prompt, target_new) pair is followed by its (prompt, target_true) pair: the comparisons behind ES/PS/NS
+    compare = [(i, i + 1) for i in range(0, len(plan.pairs), 2)]
+    scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact",
+                         compare=compare, stats=stats)
     records = [_record(req, slots, scores) for req, slots in zip(requests, plan.slots)]
     return _summary(records), records

@@ -70,8 +70,9 @@ def perplexity(
     usable = [e for e in encoded if e.target_len > 0]
     if not usable:
         raise ValueError("no text has two or more tokens; nothing to compute perplexity on")
+    # no near-tie re-scoring: perplexity compares nothing, and under bf16 autocast it is the bf16 value
     scores = score_encoded(model, usable, tok.pad_token_id, batch_size=batch_size, progress=progress,
-                           desc="perplexity")
+                           desc="perplexity", rescore=False)
     total = -sum(sum(s.logprobs) for s in scores)
     n_tokens = sum(len(s.logprobs) for s in scores)
     nll = total / n_tokens

@@ -70,14 +70,17 @@ def evaluate_zsre(
     batch_size: int = 32,
     progress: bool = True,
     missing: str = "error",
+    stats: dict | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(summary, per-record details)`` under the MEMIT ZsRE protocol (summary values x100)."""
+    """``(summary, per-record details)`` under the MEMIT ZsRE protocol (summary values x100).
+    ``stats``: see :func:`ftedit.evaluate.scoring.score_encoded`."""
     check_requests(requests, missing)
     for pos, req in enumerate(requests):
         check_prompts(req, pos, missing, METRIC)
     per_record = [_pairs(req) for req in requests]
     flat = [pair for rec in per_record for kind in KINDS for pair in rec[kind]]
-    scores = iter(score_pairs(model, tok, flat, batch_size=batch_size, progress=progress, desc="zsre"))
+    scores = iter(score_pairs(model, tok, flat, batch_size=batch_size, progress=progress, desc="zsre",
+                                    stats=stats))
     records = []
     for req, rec in zip(requests, per_record):
         row: dict[str, Any] = {"case_id": req.case_id, "prompt": req.prompt, "target_new": req.target_new}
