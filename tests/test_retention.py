@@ -294,14 +294,18 @@ def test_report_writer_from_a_result(tmp_path):
     snap = {"label": "post-edit", "step": 0, "known": [True, False], "first_token": ["Rome", "x"],
             "first_token_id": [1, 2], "top3": [[("Rome", 0.9), ("Paris", 0.05), ("the", 0.01)]] * 2}
     end = {**snap, "label": "step 5", "step": 5, "known": [False, False]}
-    run = {"task": "lm", "strategy": "none", "frozen_parameters": 0,
+    run = {"method": "locft-bf", "task": "lm", "strategy": "none", "frozen_parameters": 0,
            "log": {"steps": 5, "stopped_by": "threshold", "validation": [(0, 3.0), (5, 2.0)]},
            "curve": [{"step": 0, "label": "post-edit", "edited": 100.0, "intrinsic": 0.0},
                      {"step": 5, "label": "step 5", "edited": 0.0, "intrinsic": 0.0}],
            "snapshots": [snap, end], "lost_edits": [{"index": 0, "fallback": "related"}],
-           "fallback": {"related": 1}}
+           "fallback": {"related": 1}, "final_metric": 2.0,
+           "retention": {"edited": {"rate": 0.0, "low": 0.0, "high": 0.0, "n": 1}},
+           "gap_edited_minus_intrinsic": {"gap": None, "low": None, "high": None},
+           "drift": {"edited": {"n": 1, "top1_changed": 0.0, "target_left_top3": 0.0}}}
     result = {"config": {"downstream": {}}, "protocol": "mass", "n_edits": 1, "n_intrinsic": 1,
-              "edit": {"method": "locft-bf", "touched": [{"name": "h.1.mlp"}]}, "intrinsic_selection": {},
+              "edits": [{"method": "locft-bf", "touched": [{"name": "h.1.mlp"}],
+                         "location": {"source": "shipped", "layer": 1, "module": "down"}}], "intrinsic_selection": {},
               "wall_seconds": 1.0, "tasks": [{"kind": "lm", "source": "x", "metric": "val_loss",
                                               "direction": "below", "threshold": 2.5, "n_train": 3, "n_val": 1,
                                               "removed_by_filter": 4}],
@@ -310,7 +314,10 @@ def test_report_writer_from_a_result(tmp_path):
               "base": {**snap, "label": "base", "known": [False, True]}, "runs": [run]}
     paths = write_report(tmp_path, result)
     text = paths["report.md"].read_text()
-    assert "| lm | none | 0 | threshold | 5 | 3.000 -> 2.000 | 100.0 -> 0.0 | 100.0 -> 0.0 -> 0.0 | 0 / 1 / 0 |" in text
+    assert ("| locft-bf | lm | none | threshold | 5 | 0.0 [0.0, 0.0] (n=1) | n/a | n/a | n/a | 0 / 1 / 0 | "
+            "0.0 / n/a | 0.0 / n/a |") in text
+    assert "| locft-bf | lm | none | 0 | - | - | 3.000 -> 2.000 | 5 | +0 | threshold |" in text
+    assert "location layer 1 down (shipped)" in text and "Every run stopped by its task's threshold" in text
     assert "Rome (0.900)" in text
     assert json.loads(paths["result.json"].read_text())["plots"] == {"lm": "retention_lm.png"}
 
@@ -367,7 +374,7 @@ def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "result.json").read_text())
     manifest = json.loads((edited / "manifest.json").read_text())
-    assert saved["edit"]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
+    assert saved["edits"][0]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
     assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
     assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
     again = CliRunner().invoke(app, args)
@@ -383,10 +390,15 @@ def test_single_protocol_edits_each_fact_alone(gpt2_model, gpt2_tok, tmp_path, d
                       strategies=["edits"], downstream=DownstreamConfig(batch_size=2, max_steps=2, probe_every=1))
     result = run_study(cfg, gpt2_model, gpt2_tok, progress=False)
     (run,) = result["runs"]
-    assert len(result["post_edit"]) == 2 and run["log"]["runs"] == 2 and len(run["per_edit"]) == 2
+    (posts,) = result["post_edit"].values()
+    assert len(posts) == 2 and run["log"]["runs"] == 2 and len(run["per_edit"]) == 2
     assert run["log"]["stopped_by"] == {"max_steps": 2} and [c["step"] for c in run["curve"]] == [0, 1, 2]
-    # each single-edit run probes its own edit plus the intrinsic set
-    assert all(len(p["known"]) == 1 + result["n_intrinsic"] for p in result["post_edit"])
+    assert result["cap_stopped"] == [{"method": run["method"], "task": "lm", "strategy": "edits", "runs": 2,
+                                      "steps": 2, "final_metric": run["final_metric"]}]
+    # each single-edit run probes its own edit and its paraphrases, plus the intrinsic set
+    paraphrases = [sum(p["kind"] == "paraphrase" and p["edit"] == i for p in result["probes"]) for i in range(2)]
+    assert paraphrases[0] > 0
+    assert [len(p["known"]) for p in posts] == [1 + n + result["n_intrinsic"] for n in paraphrases]
     assert _changed(gpt2_model, before)  # the model object is left edited and trained
 
 
