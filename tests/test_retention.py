@@ -370,10 +370,13 @@ def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok
     out = tmp_path / "study"
     args = ["retention", "--out", str(out), "--from-edit", str(edited), "--model", str(base),
             "--intrinsic-pool", cf, "--task", f"lm={tmp_path / 'wiki.txt'}", "--threshold", "lm=rel:0.5",
-            "--strategy", "edits", "--max-steps", "1", "--n-val", "2", "--no-progress"]
+            "--strategy", "edits", "--strategy", "rehearsal+anchor:1", "--max-steps", "1", "--n-val", "2",
+            "--batch-size", "2", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "the step cap stopped" in result.output  # threshold rel:0.5 is out of reach in one step
     saved = json.loads((out / "result.json").read_text())
+    assert saved["runs"][1]["protection"]["rehearsal"]["pairs"] == 5 and saved["runs"][1]["anchor_distance"] > 0
     manifest = json.loads((edited / "manifest.json").read_text())
     assert saved["edits"][0]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
     assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
