@@ -427,13 +427,12 @@ def _lm_task(tok, tmp_path, threshold=0.0, relative=False, n_val=2):
 
 
 def _touched_mlp(model, layer: int) -> list[dict]:
+    """A manifest entry for the down projection of block ``layer`` (what a one-layer edit touches)."""
     from ftedit.params import block_roles
 
-    _, blocks = find_blocks(model)
-    role, (name, _) = next(iter(block_roles(blocks[layer]).items()))
-    prefix, _ = find_blocks(model)
-    module_name = next(n for n, m in model.named_modules() if m is block_roles(blocks[layer])[role][1])
-    return [{"name": module_name, "layer": layer, "role": role}]
+    prefix, blocks = find_blocks(model)
+    name, _ = block_roles(blocks[layer])["down"]
+    return [{"name": f"{prefix}.{layer}.{name}", "layer": layer, "role": "down"}]
 
 
 @pytest.mark.parametrize("spec", ["edits", "around:0", "below:edit", "edits+rehearsal:0.5", "edits+anchor:5"])
