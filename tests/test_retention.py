@@ -653,3 +653,28 @@ def test_bootstrap_intervals_cover_the_rate_and_shrink_with_more_facts():
     assert bootstrap([True] * 7) == {"rate": 100.0, "low": 100.0, "high": 100.0, "n": 7}
     gap = bootstrap_gap([True] * 9 + [False], [True, False] * 5)
     assert gap["gap"] == pytest.approx(40.0) and gap["low"] < 40 < gap["high"]
+
+
+def test_run_statistics_count_only_what_was_known_after_editing(gpt2_tok):
+    from ftedit.retention.measure import RetentionSnapshot
+    from ftedit.retention.stats import run_statistics
+
+    probes = [RetentionProbe("edited", "P1", "Rome", "France", "r", "Paris", 0),
+              RetentionProbe("edited", "P2", "dog", "Spain", "r", "fox", 1),
+              RetentionProbe("paraphrase", "P1b", "Rome", "France", "r", "Paris", 0),
+              RetentionProbe("intrinsic", "Q1", "capital", "Chad", "q"),
+              RetentionProbe("intrinsic", "Q2", "the", "Peru", "q")]
+    from ftedit.tokenization import encode_target
+
+    rome = gpt2_tok.decode([encode_target(gpt2_tok, "Rome")[0]]).strip()  # the tiny tokenizer splits words
+    top = [[(rome, 0.9), ("Paris", 0.05), ("the", 0.01)]] * 5
+    post = RetentionSnapshot("post-edit", 0, [True, False, True, True, False], [None] * 5, [None] * 5, top)
+    end_top = [[("Paris", 0.6), ("the", 0.2), ("a", 0.1)]] + top[1:]
+    end = RetentionSnapshot("step 4", 4, [False, True, True, True, True], [None] * 5, [None] * 5, end_top)
+    stats = run_statistics(gpt2_tok, probes, post, end)
+    # P2 and Q2 were not known after editing: neither counts, whatever they are at the end
+    assert {k: (v["rate"], v["n"]) for k, v in stats["retention"].items()} == {
+        "edited": (0.0, 1), "paraphrase": (100.0, 1), "intrinsic": (100.0, 1)}
+    assert stats["gap_edited_minus_intrinsic"]["gap"] == -100.0
+    assert stats["drift"]["edited"] == {"n": 2, "top1_changed": 50.0, "target_left_top3": 50.0}
+    assert stats["probe_drift"][0]["end_top3"][0] == ("Paris", 0.6)

@@ -91,13 +91,18 @@ def _summary(flags: dict[str, list], drift: list[dict[str, Any]], seed: int) -> 
             "drift": drift_summary(drift), "probe_drift": drift}
 
 
+def _key(probe: RetentionProbe) -> str:
+    """A probe's identity across the runs of a study (two edits may share a paraphrase's wording)."""
+    return f"{probe.edit}:{probe.prompt}"
+
+
 def run_statistics(tok, probes: Sequence[RetentionProbe], post: RetentionSnapshot, end: RetentionSnapshot,
                    seed: int = 0) -> dict[str, Any]:
     """Retention per kind with intervals, the edited - intrinsic gap, and the top-3 drift."""
-    retained = {kind: {probes[i].prompt: end.known[i] for i, p in enumerate(probes) if p.kind == kind and post.known[i]}
+    retained = {kind: {_key(p): end.known[i] for i, p in enumerate(probes) if p.kind == kind and post.known[i]}
                 for kind in KINDS}
     flags = {kind: list(r.values()) for kind, r in retained.items()}
-    return {**_summary(flags, probe_drift(tok, probes, post, end), seed), "retained_by_prompt": retained}
+    return {**_summary(flags, probe_drift(tok, probes, post, end), seed), "retained_by_probe": retained}
 
 
 def pooled_statistics(runs: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
@@ -107,7 +112,7 @@ def pooled_statistics(runs: Sequence[dict[str, Any]], seed: int = 0) -> dict[str
     for kind in KINDS:
         by_prompt: dict[str, list[bool]] = {}
         for run in runs:
-            for prompt, kept in run["retained_by_prompt"].get(kind, {}).items():
-                by_prompt.setdefault(prompt, []).append(kept)
+            for key, kept in run["retained_by_probe"].get(kind, {}).items():
+                by_prompt.setdefault(key, []).append(kept)
         flags[kind] = [sum(v) / len(v) for v in by_prompt.values()]
     return _summary(flags, [d for run in runs for d in run["probe_drift"]], seed)
