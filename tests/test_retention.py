@@ -678,3 +678,12 @@ def test_run_statistics_count_only_what_was_known_after_editing(gpt2_tok):
     assert stats["gap_edited_minus_intrinsic"]["gap"] == -100.0
     assert stats["drift"]["edited"] == {"n": 2, "top1_changed": 50.0, "target_left_top3": 50.0}
     assert stats["probe_drift"][0]["end_top3"][0] == ("Paris", 0.6)
+
+
+def test_overrides_apply_to_all_methods_or_to_the_one_named():
+    from ftedit.retention.study import _overrides_for
+
+    overrides = ["train.epochs=3", "ft:params.layers=1", "locft-bf:params.layers=4:9", "params.modules=down"]
+    assert _overrides_for("ft", overrides) == ["train.epochs=3", "params.layers=1", "params.modules=down"]
+    assert _overrides_for("locft-bf", overrides) == ["train.epochs=3", "params.layers=4:9", "params.modules=down"]
+    assert _overrides_for("rome", overrides) == ["train.epochs=3", "params.modules=down"]
