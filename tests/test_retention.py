@@ -687,3 +687,6 @@ def test_overrides_apply_to_all_methods_or_to_the_one_named():
     assert _overrides_for("ft", overrides) == ["train.epochs=3", "params.layers=1", "params.modules=down"]
     assert _overrides_for("locft-bf", overrides) == ["train.epochs=3", "params.layers=4:9", "params.modules=down"]
     assert _overrides_for("rome", overrides) == ["train.epochs=3", "params.modules=down"]
+    with pytest.raises(ValueError, match="not in the study"):
+        StudyConfig(tasks=[TaskConfig("lm", "a.txt", threshold=1.0)], intrinsic_pool="p.json", methods=["ft"],
+                    overrides=["locft-bf:train.epochs=2"])

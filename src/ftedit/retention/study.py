@@ -75,6 +75,10 @@ class StudyConfig:
         if self.from_edit and (self.protocol == "single" or len(self.methods) > 1):
             raise InputError("--from-edit holds one (mass) edit by one method; drop --protocol single and extra "
                              "--method options")
+        named = {o.partition("=")[0].partition(":")[0] for o in self.overrides if ":" in o.partition("=")[0]}
+        if named - set(self.methods):
+            raise InputError(f"--set names methods not in the study: {sorted(named - set(self.methods))} "
+                             f"(methods: {self.methods})")
         missing = [t.kind for t in self.tasks if t.threshold is None]
         if missing:
             raise InputError(f"every downstream run stops by its task's threshold; give one for {missing} "
