@@ -379,6 +379,7 @@ def test_cli_retention_from_an_edit_output_folder(tmp_path, gpt2_model, gpt2_tok
     assert saved["runs"][1]["protection"]["rehearsal"]["pairs"] == 5 and saved["runs"][1]["anchor_distance"] > 0
     manifest = json.loads((edited / "manifest.json").read_text())
     assert saved["edits"][0]["touched"] == manifest["touched"]["modules"] and saved["n_edits"] == 5
+    assert saved["edits"][0]["location"] == manifest["touched"]["location"]
     assert saved["runs"][0]["frozen_parameters"] > 0 and saved["tasks"][0]["threshold_factor"] == 0.5
     assert (out / "report.md").exists() and (out / "retention_lm.png").exists()
     again = CliRunner().invoke(app, args)

@@ -151,6 +151,15 @@ def _uses_rehearsal(strategies: Sequence[str]) -> bool:
     return any(part.strip().partition(":")[0] == "rehearsal" for s in strategies for part in s.split("+"))
 
 
+def _log_run(name: str, log, rule, stats: dict[str, Any]) -> None:
+    retained = {k: round(v["rate"], 1) for k, v in stats["retention"].items()}
+    logger.info("%s: stopped by %s after %d steps (%s %.4f); retained %s", name, log.stopped_by, log.steps,
+                rule.metric, log.validation[-1][1], retained)
+    if log.stopped_by == "max_steps":
+        logger.warning("%s: the step cap (%d) stopped the run before the threshold (%s %s)", name, rule.max_steps,
+                       rule.direction, rule.threshold)
+
+
 def _one_run(edited: EditedModel, tok, task: DownstreamTask, strategy: str, probes, cfg: StudyConfig,
              related) -> dict[str, Any]:
     model = edited.model
@@ -166,12 +175,7 @@ def _one_run(edited: EditedModel, tok, task: DownstreamTask, strategy: str, prob
         protection.undo()
     lost = lost_edits(probes, edited.post, snaps[-1], tok, related)
     stats = run_statistics(tok, probes, edited.post, snaps[-1], seed=cfg.seed)
-    retained = {k: v["rate"] for k, v in stats["retention"].items()}
-    logger.info("%s / %s / %s: stopped by %s after %d steps (%s %.4f); retained %s", edited.method,
-                task.config.kind, strategy, log.stopped_by, log.steps, rule.metric, log.validation[-1][1], retained)
-    if log.stopped_by == "max_steps":
-        logger.warning("%s / %s / %s: the step cap (%d) stopped the run before the threshold %s %s", edited.method,
-                       task.config.kind, strategy, rule.max_steps, rule.direction, rule.threshold)
+    _log_run(f"{edited.method} / {task.config.kind} / {strategy}", log, rule, stats)
     return {"method": edited.method, "task": task.config.kind, "strategy": strategy,
             "frozen_parameters": described["frozen_parameters"], "protection": described,
             "anchor_distance": protection.anchor.distance() if protection.anchor is not None else None,
@@ -228,6 +232,17 @@ def _prepare_edit(cfg: StudyConfig, method: str, model, tok, prep: Prepared, req
     return EditedModel(method, edited, info["touched"], _state(edited), post, rehearse), info
 
 
+def _from_manifest(cfg: StudyConfig, method: str, model, tok, prep: Prepared,
+                   manifest: dict[str, Any]) -> tuple[EditedModel, dict[str, Any]]:
+    """An ``ftedit edit`` output's model, already edited: its manifest says what it touched."""
+    touched = touched_modules(manifest)
+    rehearse = rehearsal_pairs(prep.requests, prep.excluded) if _uses_rehearsal(cfg.strategies) else []
+    post = measure(model, tok, prep.probes, "post-edit", 0)
+    location = (manifest.get("touched") or {}).get("location") if isinstance(manifest.get("touched"), dict) else None
+    info = {"method": method, "from_edit": cfg.from_edit, "touched": touched, "location": location}
+    return EditedModel(method, model, touched, _state(model), post, rehearse), info
+
+
 def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, manifest: dict[str, Any] | None, progress: bool,
              on_run: Callable[[dict[str, Any]], None] | None = None, identity=None) -> dict[str, Any]:
     """Every method edits the base model in turn (or ``manifest``'s edit is given); all runs start from it."""
@@ -235,12 +250,7 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, manifest: dict[str, A
     base_state = _state(model) if manifest is None and len(cfg.methods) > 1 else None
     for method in cfg.methods:
         if manifest is not None:
-            touched = touched_modules(manifest)
-            rehearse = rehearsal_pairs(prep.requests, prep.excluded) if _uses_rehearsal(cfg.strategies) else []
-            post = measure(model, tok, prep.probes, "post-edit", 0)
-            edited = EditedModel(method, model, touched, _state(model), post, rehearse)
-            info = {"method": method, "from_edit": cfg.from_edit, "touched": touched,
-                    "location": manifest.get("location")}
+            edited, info = _from_manifest(cfg, method, model, tok, prep, manifest)
         else:
             if base_state is not None:
                 _reset(model, base_state)
