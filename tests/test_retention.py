@@ -691,3 +691,33 @@ def test_overrides_apply_to_all_methods_or_to_the_one_named():
     with pytest.raises(ValueError, match="not in the study"):
         StudyConfig(tasks=[TaskConfig("lm", "a.txt", threshold=1.0)], intrinsic_pool="p.json", methods=["ft"],
                     overrides=["locft-bf:train.epochs=2"])
+
+
+def test_each_method_edits_the_base_weights(llama_model, llama_tok, tmp_path, data_dir, monkeypatch):
+    import ftedit.retention.study as study
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join((data_dir / "downstream" / "wiki_summaries.jsonl").read_text().splitlines()[:12]))
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+    base = _snapshot(llama_model)
+    starts = []
+    real = study.apply_spec
+
+    def spy(spec, config, model, *args, **kwargs):
+        starts.append(spec.name if all(p.detach().equal(base[n]) for n, p in model.named_parameters()) else None)
+        return real(spec, config, model, *args, **kwargs)
+
+    monkeypatch.setattr(study, "apply_spec", spy)
+    cfg = StudyConfig(tasks=[TaskConfig("lm", str(tmp_path / "wiki.txt"), threshold=0.0, n_val=2)],
+                      intrinsic_pool=cf, edits=cf, n_edits=2, methods=["locft-bf", "rome"],
+                      overrides=["locft-bf:train.epochs=1", "locft-bf:params.layers=1", f"rome:stats.corpus={corpus}",
+                                 "rome:stats.n_samples=6", "rome:stats.max_length=32", "rome:value.steps=2"],
+                      strategies=["none", "edits"],
+                      downstream=DownstreamConfig(lr=1e-2, batch_size=2, max_steps=1, probe_every=1))
+    result = run_study(cfg, llama_model, llama_tok, progress=False)
+    assert starts == ["locft-bf", "rome"]  # the second method edits the base model, not the first's edit or runs
+    assert [(r["method"], r["strategy"]) for r in result["runs"]] == [
+        ("locft-bf", "none"), ("locft-bf", "edits"), ("rome", "none"), ("rome", "edits")]
+    assert set(result["post_edit"]) == {"locft-bf", "rome"} and len(result["edits"]) == 2
+    assert result["edits"][0]["location"] == {"source": "config"}
