@@ -124,7 +124,7 @@ def finetune(model: nn.Module, task: DownstreamTask, rule: StoppingRule, cfg: Do
             on_checkpoint(step)
     model.eval()
     log.steps, log.stopped_by = step, stop
-    log.epochs = step * cfg.batch_size / max(len(task.train_items), 1)
+    log.epochs = step * (cfg.batch_size - rehearsed) / max(len(task.train_items), 1)  # task items only
     log.seconds = time.perf_counter() - start
     return log
 
