@@ -315,8 +315,9 @@ def test_report_writer_from_a_result(tmp_path):
               "base": {**snap, "label": "base", "known": [False, True]}, "runs": [run]}
     paths = write_report(tmp_path, result)
     text = paths["report.md"].read_text()
-    assert ("| locft-bf | lm | none | threshold | 5 | 0.0 [0.0, 0.0] (n=1) | n/a | n/a | n/a | 0 / 1 / 0 | "
-            "0.0 / n/a | 0.0 / n/a |") in text
+    assert ("| locft-bf | lm | none | threshold | 5 | 100.0 / 0.0 -> 0.0 / 0.0 | 0.0 [0.0, 0.0] (n=1) | n/a | n/a | "
+            "n/a | 0 / 1 / 0 | 0.0 / n/a | 0.0 / n/a |") in text
+    assert "known by the base model: 100.0%" in text
     assert "| locft-bf | lm | none | 0 | - | - | 3.000 -> 2.000 | 5 | +0 | threshold |" in text
     assert "location layer 1 down (shipped)" in text and "Every run stopped by its task's threshold" in text
     assert "Rome (0.900)" in text

@@ -81,15 +81,18 @@ def _steps(run: dict[str, Any]) -> str:
 
 
 def _summary_table(result: dict[str, Any]) -> list[str]:
-    lines = ["| method | task | strategy | stopped by | steps | edited retained % [95% CI] | paraphrase retained % | "
-             "intrinsic retained % | edited - intrinsic (points) | lost edits: original / related / other | "
-             "top-1 changed % (edited / intrinsic) | target left top-3 % (edited / intrinsic) |",
-             "|---|---|---|---|---:|---|---|---|---|---|---|---|"]
+    lines = ["| method | task | strategy | stopped by | steps | known % edited / intrinsic: post-edit -> end | "
+             "edited retained % [95% CI] | paraphrase retained % | intrinsic retained % | edited - intrinsic "
+             "(points) | lost edits: original / related / other | top-1 changed % (edited / intrinsic) | "
+             "target left top-3 % (edited / intrinsic) |", "|---|---|---|---|---:|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         fb = run["fallback"]
         retention = run.get("retention", {})
+        first, last = run["curve"][0], run["curve"][-1]
         lines.append(
             f"| {run.get('method', '?')} | {run['task']} | {run['strategy']} | {_stopped(run)} | {_steps(run)} | "
+            f"{_fmt(first['edited'])} / {_fmt(first['intrinsic'])} -> {_fmt(last['edited'])} / "
+            f"{_fmt(last['intrinsic'])} | "
             f"{_ci(retention.get('edited'))} | {_ci(retention.get('paraphrase'))} | "
             f"{_ci(retention.get('intrinsic'))} | {_gap(run.get('gap_edited_minus_intrinsic'))} | "
             f"{fb.get('original', 0)} / {fb.get('related', 0)} / {fb.get('other', 0)} | "
@@ -158,6 +161,11 @@ def _table1(result: dict[str, Any], max_examples: int) -> list[str]:
     return lines
 
 
+def _base_intrinsic(result: dict[str, Any]) -> float | None:
+    flags = [k for k, p in zip(result["base"]["known"], result["probes"]) if p["kind"] == "intrinsic"]
+    return 100.0 * sum(flags) / len(flags) if flags else None
+
+
 def _edit_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for edit in result.get("edits", []):
@@ -178,7 +186,8 @@ def render_markdown(result: dict[str, Any], plots: dict[str, str], max_examples:
                 ""]),
              f"- protocol: **{result['protocol']}**, {result['n_edits']} edits, {result['n_intrinsic']} intrinsic facts",
              *_edit_lines(result),
-             f"- intrinsic selection: {result['intrinsic_selection']}",
+             f"- intrinsic selection: {result['intrinsic_selection']}; known by the base model: "
+             f"{_fmt(_base_intrinsic(result))}%",
              f"- downstream hyperparameters (same for every run): {cfg['downstream']}",
              f"- wall time: {result['wall_seconds']:.0f} s", ""]
     if result.get("command"):
