@@ -8,6 +8,7 @@ Paper 002 (Sec. 3.3) finds that not fine-tuning the layers an edit wrote into pr
   embeddings, final norm and head stay frozen;
 * ``edits``: freeze exactly the modules the edit touched, read from its manifest (:func:`protect_edits`).
 
+:mod:`ftedit.retention.protection` adds ``below:edit``, ``around:R``, rehearsal and an L2 anchor, and combinations.
 Every function returns a :class:`FreezeHandle` whose ``undo()`` restores the previous ``requires_grad`` flags.
 Frozen parameters get no gradient, so optimizers (AdamW included) leave them, and their weight decay, alone.
 """
