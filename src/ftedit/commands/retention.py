@@ -52,8 +52,8 @@ def retention_command(
     dtype: options.Dtype = "auto",
     progress: options.Progress = True,
 ) -> None:
-    """Edit, fine-tune downstream under freezing strategies, and report how much edited vs intrinsic knowledge
-    survives (paper 002)."""
+    """Edit, fine-tune downstream under protection strategies until each task's threshold, and report how much
+    edited vs intrinsic knowledge survives (paper 002)."""
     from ftedit.config import DEFAULT_RECIPE
     from ftedit.retention.finetune import downstream_config
     from ftedit.retention.run import run_retention

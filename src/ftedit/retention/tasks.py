@@ -38,6 +38,7 @@ from ftedit.forward import body_hidden, lm_parts, model_device, per_example_nll
 from ftedit.retention.filtering import MentionFilter
 from ftedit.retention.stopping import StoppingRule
 from ftedit.tokenization import (
+    CHAT_SETTINGS,
     EncodedPair,
     chat_prompt,
     encode_pair,
@@ -79,6 +80,8 @@ class TaskConfig:
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
             raise InputError(f"unknown downstream task {self.kind!r}; expected one of {TASK_KINDS}")
+        if self.chat_template not in CHAT_SETTINGS:
+            raise InputError(f"sft chat template {self.chat_template!r}: expected one of {CHAT_SETTINGS}")
 
     @property
     def name(self) -> str:
