@@ -20,17 +20,22 @@ def retention_command(
     edits: Annotated[str | None, typer.Option(help="Edit requests (COUNTERFACT/ZsRE JSON, JSONL/CSV).")] = None,
     from_edit: Annotated[str | None, typer.Option(help="Start from an `ftedit edit` output folder instead.")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (default: demo, or the manifest's).")] = None,
-    method: Annotated[str, typer.Option(help="Edit method: a recipe or a registered baseline.")] = "locft-bf",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one method field.")] = None,
+    method: Annotated[list[str] | None, typer.Option(
+        help="Edit method: a recipe or a registered baseline (default: the default recipe, at its located "
+             "layer). Repeatable: each method edits the base model in turn.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one method field; METHOD:FIELD=VALUE "
+                                                                 "for one method only.")] = None,
     pool: Annotated[str | None, typer.Option(help="Fact pool for recipes with random/similar augmentation.")] = None,
     n: Annotated[int | None, typer.Option(help="Number of edits.")] = 50,
     offset: Annotated[int, typer.Option(help="First edit record.")] = 0,
     strategy: Annotated[list[str] | None, typer.Option(
-        help="Freezing strategy: none | below:K | window:LAYERS | edits. Repeatable.")] = None,
+        help="Protection strategy: none | edits | below:K | below:edit | window:LAYERS | around:R | "
+             "rehearsal[:SHARE] | anchor[:LAMBDA], or several joined by '+'. Repeatable.")] = None,
     protocol: Annotated[str, typer.Option(help="mass (all edits, one run) or single (each edit alone).")] = "mass",
-    threshold: Annotated[list[str] | None, typer.Option(help="Stopping threshold KIND=VALUE (loss: below, "
-        "accuracy: above) or KIND=rel:F (F x the base model's validation metric).")] = None,
-    max_steps: Annotated[int, typer.Option(help="Step cap of every downstream run.")] = 30,
+    threshold: Annotated[list[str] | None, typer.Option(help="Stopping threshold of each task (required): "
+        "KIND=VALUE (loss: below, accuracy: above) or KIND=rel:F (F x the base model's validation metric).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Safety cap of every downstream run; the report lists any run "
+                                                "it stopped before its threshold.")] = 1000,
     eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 5,
     probe_every: Annotated[int, typer.Option(help="Measure retention every N steps.")] = 10,
     lr: Annotated[float, typer.Option(help="Downstream learning rate (AdamW).")] = 2e-5,
@@ -40,21 +45,25 @@ def retention_command(
     max_length: Annotated[int, typer.Option(help="Tokens per downstream sequence.")] = 64,
     n_intrinsic: Annotated[int, typer.Option(help="Intrinsic facts to track.")] = 50,
     filter_intrinsic: Annotated[bool, typer.Option(help="Also filter texts naming intrinsic facts.")] = False,
+    sft_chat_template: Annotated[str, typer.Option(help="sft task: auto (the tokenizer's chat template when it "
+                                                        "has one), on, off.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing study in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     dtype: options.Dtype = "auto",
     progress: options.Progress = True,
 ) -> None:
-    """Edit, fine-tune downstream under freezing strategies, and report how much edited vs intrinsic knowledge
-    survives (paper 002)."""
+    """Edit, fine-tune downstream under protection strategies until each task's threshold, and report how much
+    edited vs intrinsic knowledge survives (paper 002)."""
+    from ftedit.config import DEFAULT_RECIPE
     from ftedit.retention.finetune import downstream_config
     from ftedit.retention.run import run_retention
     from ftedit.retention.study import StudyConfig
     from ftedit.retention.tasks import parse_tasks
 
-    tasks = parse_tasks(task, threshold or [], {"n_train": n_train, "n_val": n_val, "max_length": max_length})
+    tasks = parse_tasks(task, threshold or [], {"n_train": n_train, "n_val": n_val, "max_length": max_length,
+                                                "chat_template": sft_chat_template})
     cfg = StudyConfig(tasks=tasks, intrinsic_pool=intrinsic_pool, edits=edits, n_edits=n, offset=offset,
-                      method=method, overrides=set_ or [], method_pool=pool, from_edit=from_edit,
+                      methods=method or [DEFAULT_RECIPE], overrides=set_ or [], method_pool=pool, from_edit=from_edit,
                       strategies=strategy or ["none", "edits"], protocol=protocol, n_intrinsic=n_intrinsic,
                       filter_intrinsic=filter_intrinsic,
                       downstream=downstream_config(lr=lr, batch_size=batch_size, max_steps=max_steps,
@@ -65,15 +74,23 @@ def retention_command(
     console.print(f"wrote {out}/report.md, result.json and the plots")
 
 
+def _retained(run: dict[str, Any], kind: str) -> str:
+    r = run.get("retention", {}).get(kind)
+    return "n/a" if not r or r["rate"] is None else f"{r['rate']:.1f} [{r['low']:.0f}, {r['high']:.0f}]"
+
+
 def print_summary(result: dict[str, Any]) -> None:
     table = Table(title=f"retention (%) — {result['protocol']} protocol, {result['n_edits']} edits, "
                         f"{result['n_intrinsic']} intrinsic facts")
-    for col in ("task", "strategy", "stopped by", "steps", "edited post-edit", "edited end", "intrinsic post-edit",
-                "intrinsic end"):
+    for col in ("method", "task", "strategy", "stopped by", "steps", "final metric", "edited retained",
+                "paraphrase retained", "intrinsic retained"):
         table.add_column(col)
     for run in result["runs"]:
-        first, last = run["curve"][0], run["curve"][-1]
-        table.add_row(run["task"], run["strategy"], str(run["log"]["stopped_by"]), str(run["log"]["steps"]),
-                      *(f"{v:.1f}" if v is not None else "n/a" for v in
-                        (first["edited"], last["edited"], first["intrinsic"], last["intrinsic"])))
+        metric = run.get("final_metric")
+        table.add_row(run["method"], run["task"], run["strategy"], str(run["log"]["stopped_by"]),
+                      str(run["log"]["steps"]), "n/a" if metric is None else f"{metric:.3f}",
+                      *(_retained(run, k) for k in ("edited", "paraphrase", "intrinsic")))
     console.print(table)
+    for capped in result.get("cap_stopped", []):
+        console.print(f"[yellow]the step cap stopped {capped['method']} / {capped['task']} / {capped['strategy']} "
+                      f"before its threshold ({capped['runs']} run(s))[/yellow]")

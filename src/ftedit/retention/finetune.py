@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ftedit.errors import InputError
+from ftedit.retention.protection import Protection, pair_loss
 from ftedit.retention.stopping import StoppingRule
 from ftedit.retention.tasks import DownstreamTask
 
@@ -43,7 +44,7 @@ class RunLog:
     steps: int = 0
     stopped_by: str = ""  # "threshold" or "max_steps"
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, metric)
-    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # the task's own loss
     trainable_parameters: int = 0
     epochs: float = 0.0
     seconds: float = 0.0
@@ -70,9 +71,25 @@ def _validate(model: nn.Module, task: DownstreamTask) -> float:
         model.train()
 
 
+def _step_loss(model: nn.Module, task: DownstreamTask, items: list, protection: Protection | None,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to minimise, and the task's own loss (for the log)."""
+    task_loss = task.loss(model, items)
+    loss = task_loss
+    if protection is not None and protection.rehearsal is not None:
+        n = protection.rehearsal.n_items(batch_size)
+        # a mini-batch of batch_size items, n of them rehearsal pairs: each item weighs the same
+        loss = (len(items) * task_loss + n * pair_loss(model, task.tok, protection.rehearsal.take(n))) / batch_size
+    extra = protection.extra_loss() if protection is not None else None
+    return (loss + extra if extra is not None else loss), task_loss
+
+
 def finetune(model: nn.Module, task: DownstreamTask, rule: StoppingRule, cfg: DownstreamConfig,
-             on_checkpoint: Callable[[int], None] | None = None) -> RunLog:
-    """Train ``model`` (only parameters with ``requires_grad``) plus the task's head until ``rule`` stops it."""
+             on_checkpoint: Callable[[int], None] | None = None, protection: Protection | None = None) -> RunLog:
+    """Train ``model`` (only parameters with ``requires_grad``) plus the task's head until ``rule`` stops it.
+
+    ``protection``: rehearsal items take their share of every mini-batch, and its penalty joins the loss.
+    """
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     head = task.fresh_head(model)
@@ -81,31 +98,33 @@ def finetune(model: nn.Module, task: DownstreamTask, rule: StoppingRule, cfg: Do
     if not params:
         raise InputError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    batches = _batches(task.train_items, cfg.batch_size, cfg.seed)
+    rehearsed = protection.rehearsal.n_items(cfg.batch_size) if protection and protection.rehearsal else 0
+    batches = _batches(task.train_items, cfg.batch_size - rehearsed, cfg.seed)
     model.train()
     value = _validate(model, task)
     log.validation.append((0, value))
     step, stop = 0, rule.decide(0, value)
     while stop is None:
-        loss = task.loss(model, next(batches))
+        loss, task_loss = _step_loss(model, task, next(batches), protection, cfg.batch_size)
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        log.train_loss.append((step, float(loss.detach())))
+        log.train_loss.append((step, float(task_loss.detach())))
         value = None
         if rule.due(step):
             value = _validate(model, task)
             log.validation.append((step, value))
-            logger.info("%s step %d: loss %.3f, %s %.4f", task.config.kind, step, float(loss.detach()), rule.metric, value)
+            logger.info("%s step %d: task loss %.3f, %s %.4f", task.config.kind, step, float(task_loss.detach()),
+                        rule.metric, value)
         stop = rule.decide(step, value)
         if on_checkpoint is not None and (stop is not None or step % cfg.probe_every == 0):
             on_checkpoint(step)
     model.eval()
     log.steps, log.stopped_by = step, stop
-    log.epochs = step * cfg.batch_size / max(len(task.train_items), 1)
+    log.epochs = step * (cfg.batch_size - rehearsed) / max(len(task.train_items), 1)  # task items only
     log.seconds = time.perf_counter() - start
     return log
 

@@ -8,6 +8,7 @@ Paper 002 (Sec. 3.3) finds that not fine-tuning the layers an edit wrote into pr
   embeddings, final norm and head stay frozen;
 * ``edits``: freeze exactly the modules the edit touched, read from its manifest (:func:`protect_edits`).
 
+:mod:`ftedit.retention.protection` adds ``below:edit``, ``around:R``, rehearsal and an L2 anchor, and combinations.
 Every function returns a :class:`FreezeHandle` whose ``undo()`` restores the previous ``requires_grad`` flags.
 Frozen parameters get no gradient, so optimizers (AdamW included) leave them, and their weight decay, alone.
 """
@@ -157,16 +158,21 @@ def _resolve_module(model: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
                          f"is not in this {type(model).__name__}")
 
 
+def touched_parameter_names(model: nn.Module, manifest, remove_duplicate: bool = False) -> list[str]:
+    """Names of every parameter of the modules an edit touched (see :func:`touched_modules`)."""
+    ids = set()
+    for entry in touched_modules(manifest):
+        ids |= {id(p) for p in _resolve_module(model, entry).parameters()}
+    return [n for n, p in model.named_parameters(remove_duplicate=remove_duplicate) if id(p) in ids]
+
+
 def protect_edits(model: nn.Module, manifest) -> FreezeHandle:
     """Freeze every parameter of the modules an edit touched, so downstream fine-tuning cannot move them.
 
     ``manifest``: the dict, the manifest.json path or the output folder of ``ftedit edit``, or a list of
     ``{"name", "layer", "role"}`` entries (``AppliedEdit.touched``). Returns a handle; ``handle.undo()`` unfreezes.
     """
-    ids = set()
-    for entry in touched_modules(manifest):
-        ids |= {id(p) for p in _resolve_module(model, entry).parameters()}
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
+    names = touched_parameter_names(model, manifest)
     handle = freeze_parameters(model, names, "edits")
     logger.info("protect_edits: froze %d tensors (%s parameters)", len(names), f"{handle.n_frozen:,}")
     return handle

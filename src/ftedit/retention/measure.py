@@ -2,6 +2,8 @@
 
 Probe sets
 * edited: each edit's prompt with its NEW object (retention of the edit).
+* paraphrase: each edit's paraphrase prompts with its NEW object (the edit beyond its training prompt; rehearsal
+  never trains on them).
 * intrinsic: facts the BASE model knows confidently (top-1 next token is the object's first token, with a
   margin >= 0.1 over the runner-up: paper 002, App. A) that share no subject, relation and object with the
   edits. A fact's relation is its ``relation_id`` when the data has one, else its prompt template (the prompt
@@ -44,6 +46,7 @@ class RetentionProbe:
     subject: str
     relation: str  # relation key (relation_id or prompt template)
     original: str | None = None  # edits: the original (true) object
+    edit: int | None = None  # edited and paraphrase probes: the index of their edit request
 
 
 def relation_key(prompt: str, subject: str, relation_id: str | None = None) -> str:
@@ -51,8 +54,14 @@ def relation_key(prompt: str, subject: str, relation_id: str | None = None) -> s
 
 
 def edited_probes(requests: Sequence[EditRequest]) -> list[RetentionProbe]:
-    return [RetentionProbe("edited", r.prompt, r.target_new, r.subject, relation_key(r.prompt, r.subject, r.relation_id),
-                  r.target_true) for r in requests]
+    """Each edit's prompt, then (after all of them) each edit's paraphrases, with the new object."""
+    edited = [RetentionProbe("edited", r.prompt, r.target_new, r.subject,
+                             relation_key(r.prompt, r.subject, r.relation_id), r.target_true, i)
+              for i, r in enumerate(requests)]
+    paraphrases = [RetentionProbe("paraphrase", q, r.target_new, r.subject,
+                                  relation_key(r.prompt, r.subject, r.relation_id), r.target_true, i)
+                   for i, r in enumerate(requests) for q in r.paraphrase_prompts]
+    return edited + paraphrases
 
 
 def _fold(text: str | None) -> str:

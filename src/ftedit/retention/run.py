@@ -35,10 +35,10 @@ def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, d
         if not model_dir.is_dir():
             raise MissingInputError(f"--from-edit {cfg.from_edit}: no model/ folder (edit saved with --save none?)")
         edited, _, _ = load_model(str(model_dir), device=device, dtype=dtype)
-        cfg.method = manifest.get("recipe", cfg.method)
+        cfg.methods = [manifest.get("recipe") or manifest.get("method") or cfg.methods[0]]
     base, tok, identity = load_model(model or "demo", device=device, dtype=dtype)
     extra = {"base_model": identity.to_dict(), "command": "ftedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    result = run_study(cfg, base, tok, edited_model=edited, manifest=manifest, progress=progress,
+    result = run_study(cfg, base, tok, edited_model=edited, manifest=manifest, progress=progress, identity=identity,
                        on_partial=lambda partial: write_report(out, {**partial, **extra}))
     result.update(extra)
     write_report(out, result)

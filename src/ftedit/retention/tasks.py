@@ -5,7 +5,9 @@
   only; stop when validation accuracy (teacher-forced exact match of the object) > threshold. As in the
   paper, the validation facts are a fixed sample of the training facts: the task is to learn them.
 * ``classification``: a linear head on the last token's final hidden state; stop when accuracy > threshold.
-* ``sft``: instruction/response pairs, loss on the response only; stop when validation loss < threshold.
+* ``sft``: instruction/response pairs, loss on the response only (and its end-of-turn marker); through the
+  tokenizer's chat template when it has one (instruct models), else a plain instruction template; stop when
+  validation loss < threshold.
 
 Data: a local JSONL/JSON/CSV/TXT file or ``hf:NAME`` (a Hugging Face dataset). Every task drops records that
 mention an edited subject or object (:mod:`ftedit.retention.filtering`) before splitting train/validation.
@@ -35,7 +37,16 @@ from ftedit.evaluate.scoring import score_pairs
 from ftedit.forward import body_hidden, lm_parts, model_device, per_example_nll
 from ftedit.retention.filtering import MentionFilter
 from ftedit.retention.stopping import StoppingRule
-from ftedit.tokenization import EncodedPair, encode_pair, encode_prompt, pad_right
+from ftedit.tokenization import (
+    CHAT_SETTINGS,
+    EncodedPair,
+    chat_prompt,
+    encode_pair,
+    encode_prompt,
+    has_chat_template,
+    pad_right,
+    use_chat_template,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +74,14 @@ class TaskConfig:
     label_field: str = "label"  # classification
     prompt_field: str = "prompt"  # sft
     response_field: str = "response"  # sft
+    chat_template: str = "auto"  # sft: auto (the tokenizer's chat template when it has one), on, off
     seed: int = 0
 
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
             raise InputError(f"unknown downstream task {self.kind!r}; expected one of {TASK_KINDS}")
+        if self.chat_template not in CHAT_SETTINGS:
+            raise InputError(f"sft chat template {self.chat_template!r}: expected one of {CHAT_SETTINGS}")
 
     @property
     def name(self) -> str:
@@ -259,11 +273,7 @@ def build_task(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model: 
         train, val = _split([e for e in encoded if len(e.input_ids) > 1], cfg)
         return TextLossTask(cfg, tok, train, val, removed)
     if cfg.kind == "sft":
-        pairs = [(str(_field(r, cfg.prompt_field, cfg.source, i)), str(_field(r, cfg.response_field, cfg.source, i)))
-                 for i, r in enumerate(rows)]
-        kept, removed = mention_filter.keep(pairs, lambda p: p[0] + "\n" + p[1])
-        train, val = _split([e for e in (_sft_pair(tok, p, r, cfg.max_length) for p, r in kept) if e], cfg)
-        return TextLossTask(cfg, tok, train, val, removed, info={"template": SFT_TEMPLATE})
+        return _build_sft(cfg, tok, rows, mention_filter)
     rows_ok = [(str(_field(r, cfg.text_field, cfg.source, i)), _label(r, cfg, i)) for i, r in enumerate(rows)]
     kept, removed = mention_filter.keep(rows_ok, lambda x: x[0])
     labels = sorted({label for _, label in kept})
@@ -285,12 +295,38 @@ def _label(row: dict, cfg: TaskConfig, index: int) -> int:
         raise InputError(f"{cfg.source}, record {index}: field {cfg.label_field!r} is not an integer class") from e
 
 
-def _sft_pair(tok, prompt: str, response: str, max_length: int) -> EncodedPair | None:
-    """Prompt (templated) + response + EOS; the prompt is kept whole, the response truncated to fit."""
-    pair = encode_pair(tok, SFT_TEMPLATE.format(prompt=prompt), response, append_eos=True)
+def _chat_pair(tok, prompt: str, response: str) -> EncodedPair:
+    """User turn + assistant header as the prompt; the assistant's text and end-of-turn marker as the labels."""
+    head = chat_prompt(tok, prompt)
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False)
+    if not full.startswith(head):
+        raise InputError("sft: the tokenizer's chat template does not render the assistant turn after the "
+                         "generation prompt; use --sft-chat-template off")
+    prompt_ids = encode_prompt(tok, head)
+    return EncodedPair(tuple(prompt_ids + list(tok(full[len(head):], add_special_tokens=False)["input_ids"])),
+                       len(prompt_ids))
+
+
+def _sft_pair(tok, prompt: str, response: str, max_length: int, chat: bool) -> EncodedPair | None:
+    """Prompt (templated) + response (+ end marker); the prompt is kept whole, the response truncated to fit."""
+    pair = _chat_pair(tok, prompt, response) if chat else encode_pair(tok, SFT_TEMPLATE.format(prompt=prompt),
+                                                                       response, append_eos=True)
     if pair.target_start >= max_length - 1:
         return None  # no room for any response token
     return EncodedPair(pair.input_ids[:max_length], pair.target_start)
+
+
+def _build_sft(cfg: TaskConfig, tok, rows: list[dict], mention_filter: MentionFilter) -> TextLossTask:
+    """Loss on the response only; through the tokenizer's chat template when it has one (an instruct model)."""
+    chat = use_chat_template(tok, [], cfg.chat_template) if cfg.chat_template != "auto" else has_chat_template(tok)
+    pairs = [(str(_field(r, cfg.prompt_field, cfg.source, i)), str(_field(r, cfg.response_field, cfg.source, i)))
+             for i, r in enumerate(rows)]
+    kept, removed = mention_filter.keep(pairs, lambda p: p[0] + "\n" + p[1])
+    encoded = [_sft_pair(tok, p, r, cfg.max_length, chat) for p, r in kept]
+    train, val = _split([e for e in encoded if e], cfg)
+    return TextLossTask(cfg, tok, train, val, removed,
+                        info={"template": "chat" if chat else SFT_TEMPLATE, "too_long_prompts": encoded.count(None)})
 
 
 def _build_facts(cfg: TaskConfig, tok, mention_filter: MentionFilter, base_model, exclude_prompts: set[str]):
@@ -334,6 +370,10 @@ def parse_tasks(tasks: list[str], thresholds: list[str], common: dict[str, Any])
     unknown = set(limits) - set(sources)
     if unknown:
         raise UsageError(f"--threshold given for tasks not in --task: {sorted(unknown)}")
+    missing = [kind for kind in sources if kind not in limits]
+    if missing:
+        raise UsageError(f"--threshold missing for {missing}: every downstream run stops by its task's threshold "
+                         "(KIND=VALUE or KIND=rel:FACTOR)")
     configs = []
     for kind, source in sources.items():
         text = limits.get(kind)
