@@ -206,3 +206,16 @@ def test_generation_metrics_are_optional_and_part_of_the_key(settings):
     settings.n = 2
     rows = _rows(run_bench(settings, entries, isolate=False))
     assert all("fluency" in r["metrics"] for r in rows.values())
+
+
+def test_bench_passes_the_model_identity_so_auto_layers_find_a_shipped_location(settings, monkeypatch):
+    seen = []
+    real = methods.apply_method
+
+    def apply(name, *args, **kwargs):
+        seen.append(kwargs.get("identity"))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "apply_method", apply)
+    run_bench(settings, resolve_entries(["a=locft-bf:train.epochs=1"], []), isolate=False)
+    assert seen and all(getattr(i, "fingerprint", "") for i in seen)

@@ -49,11 +49,15 @@ def apply_method(
     pool: Sequence[PoolFact] | None = None,
     progress: bool = True,
     model_fingerprint: str = "",
+    identity: Any = None,
 ) -> AppliedEdit:
-    """Edit ``model`` in place with a registered method: a recipe (see ``ftedit recipes``) or a baseline."""
+    """Edit ``model`` in place with a registered method: a recipe (see ``ftedit recipes``) or a baseline.
+
+    ``identity`` (``load_model``'s ``ModelIdentity``) lets ``layers: auto`` find a bundled model's shipped location.
+    """
     spec = get_method(name)
     config = spec.resolve_config(config_file, overrides)
-    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint)
+    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint, identity=identity)
     return apply_spec(spec, config, model, tok, requests, context)
 
 
