@@ -216,3 +216,34 @@ def test_trained_editor_in_the_cache_edits_through_the_registry(llama_model, lla
     assert any(not torch.equal(before[t.name], t.module.weight) for t in run.trained.targets)
     applied.restore()
     assert all(torch.equal(before[t.name], t.module.weight) for t in run.trained.targets)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def test_cli_trains_resumes_and_edits_with_the_cached_editor(tmp_path, llama_dir, train_file, data_dir):
+    from typer.testing import CliRunner
+
+    from ftedit.commands import app
+
+    settings = ["--set", f"train.data={train_file}", "--set", "train.n_records=24", "--set", "train.steps=4",
+                "--set", "train.checkpoint_every=1", "--set", "net.layers=-2:", "--set", "net.rank=4"]
+    train = ["train-editor", "--method", "mend", "--model", str(llama_dir), "--device", "cpu", "--no-progress",
+             *settings]
+    stopped = CliRunner().invoke(app, [*train, "--stop-after", "2"])
+    assert stopped.exit_code == 0, stopped.output
+    assert "--resume" in stopped.output
+    finished = CliRunner().invoke(app, [*train, "--resume"])
+    assert finished.exit_code == 0, finished.output
+    assert "4/4 steps" in finished.output and ".safetensors" in finished.output
+    out = tmp_path / "edited"
+    edit = CliRunner().invoke(app, ["edit", "--model", str(llama_dir), "--device", "cpu", "--recipe", "mend",
+                                    "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+                                    "--out", str(out), "--save", "none", "--no-progress", *settings])
+    assert edit.exit_code == 0, edit.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "mend" and manifest["touched"]["layers"] == [1, 2]
+    missing = CliRunner().invoke(app, ["edit", "--model", str(llama_dir), "--device", "cpu", "--recipe", "malmen",
+                                       "--data", str(data_dir / "fixtures/counterfact_rome_format_first5.json"),
+                                       "--out", str(tmp_path / "m"), "--save", "none", "--no-progress"])
+    assert missing.exit_code != 0 and "ftedit train-editor --method malmen" in missing.output

@@ -284,11 +284,12 @@ def request_factors(model: nn.Module, tok, targets: Sequence[Target], requests: 
             for i in range(len(targets))]
 
 
-def find_editor(method: str, model: nn.Module, targets: Sequence[Target], hparams, fingerprint: str) -> Hypernet:
-    """The explicit ``hparams.editor``, else the cached editor for this model and settings."""
+def find_editor(method: str, model: nn.Module, targets: Sequence[Target], hparams) -> Hypernet:
+    """The explicit ``hparams.editor``, else the cached editor for this model's weights and these settings
+    (keyed by :func:`~ftedit.cache.model_fingerprint`, the weights in memory, however the model was loaded)."""
     if hparams.editor:
         return load_editor(hparams.editor, method, targets, hparams.net)
-    path = editor_path(method, fingerprint or model_fingerprint(model), hparams)
+    path = editor_path(method, model_fingerprint(model), hparams)
     if not path.is_file():
         raise EditorMissingError(
             f"no trained {method} editor for this model and these settings (looked for {path}). Train one with "
@@ -299,9 +300,10 @@ def find_editor(method: str, model: nn.Module, targets: Sequence[Target], hparam
 
 def apply_hypernet(method: str, rule: ShiftRule, model: nn.Module, tok, requests: Sequence[EditRequest], hparams,
                    fingerprint: str = "", progress: bool = True) -> tuple[Snapshot, list[Target], dict[str, Any]]:
-    """Edit ``model`` in place with a trained editor: all requests' shifts, aggregated by ``rule``."""
+    """Edit ``model`` in place with a trained editor: all requests' shifts, aggregated by ``rule``.
+    ``fingerprint`` (the loader's identity of the model) is not used: editors are keyed by the weights."""
     targets = edited_targets(model, hparams.net)
-    net = find_editor(method, model, targets, hparams, fingerprint).to(model_device(model))
+    net = find_editor(method, model, targets, hparams).to(model_device(model))
     factors = request_factors(model, tok, targets, requests)
     with torch.no_grad():
         updates = [s.dense() for s in rule(net, factors, hparams)]
