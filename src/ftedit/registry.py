@@ -168,6 +168,8 @@ def _closed_form(name: str, module: str, config_class: str) -> MethodSpec:
 _closed_form("rome", "rome", "ROMEHyperParams")
 _closed_form("memit", "memit", "MEMITHyperParams")
 _closed_form("alphaedit", "alphaedit", "AlphaEditHyperParams")
+_closed_form("mend", "mend", "MENDHyperParams")  # hypernetworks: a trained editor applies in closed form
+_closed_form("malmen", "malmen", "MALMENHyperParams")
 
 
 def _recipe_spec(name: str) -> MethodSpec:

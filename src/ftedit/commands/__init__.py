@@ -9,7 +9,18 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ftedit.commands import bench, demo, edit, eval, generate, ledger, locate, recipes, retention
+from ftedit.commands import (
+    bench,
+    demo,
+    edit,
+    eval,
+    generate,
+    ledger,
+    locate,
+    recipes,
+    retention,
+    train_editor,
+)
 from ftedit.commands.reporting import ReportingGroup, run_cli
 
 app = typer.Typer(cls=ReportingGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,6 +44,7 @@ app.command("retention")(retention.retention_command)
 app.command("eval")(eval.eval_command)
 app.command("generate")(generate.generate_command)
 app.command("locate")(locate.locate_command)
+app.command("train-editor")(train_editor.train_editor_command)
 
 
 def main() -> None:

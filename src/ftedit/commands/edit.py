@@ -58,7 +58,7 @@ def edit_command(
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
     model: options.Model = "demo",
     recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
-                                              "alphaedit.")] = DEFAULT_RECIPE,
+                                              "alphaedit, mend, malmen (editors from `ftedit train-editor`).")] = DEFAULT_RECIPE,
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
     pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation (default: the "
