@@ -49,11 +49,13 @@ def apply_method(
     pool: Sequence[PoolFact] | None = None,
     progress: bool = True,
     model_fingerprint: str = "",
+    pool_source: str | None = None,
 ) -> AppliedEdit:
     """Edit ``model`` in place with a registered method: a recipe (see ``ftedit recipes``) or a baseline."""
     spec = get_method(name)
     config = spec.resolve_config(config_file, overrides)
-    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint)
+    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint,
+                           pool_source=pool_source)
     return apply_spec(spec, config, model, tok, requests, context)
 
 
