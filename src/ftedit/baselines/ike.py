@@ -178,18 +178,23 @@ def load_pool(source: str | None) -> list[EditRequest]:
     return load_requests(resolve_pool(source or SHIPPED_POOL)).requests
 
 
+def apply_ike_to_model(model: nn.Module, tok, requests: Sequence[EditRequest], hparams: IKEHyperParams,
+                       pool: Sequence[EditRequest] | None = None) -> InContextModel:
+    """``model`` with each request's prefix, demonstrations drawn from ``pool`` (default: the shipped pool)."""
+    usable = usable_pool(load_pool(None) if pool is None else pool, requests)
+    logger.info("IKE: %d demonstrations per edit from %d usable pool records",
+                hparams.copy + hparams.update + hparams.retain, len(usable))
+    return InContextModel(model, tok, {request_hash(r): prefix_text(r, usable, hparams) for r in requests})
+
+
 def apply_ike(model: nn.Module, tok, requests: Sequence[EditRequest], hparams: IKEHyperParams,
               context: ApplyContext) -> AppliedEdit:
     """The registry's entry point: an :class:`InContextModel` holding each edit's prefix."""
     start = time.perf_counter()
-    pool = usable_pool(load_pool(context.pool_source), requests)
-    prefixes = {request_hash(r): prefix_text(r, pool, hparams) for r in requests}
-    logger.info("IKE: %d demonstrations per edit from %d usable pool records",
-                hparams.copy + hparams.update + hparams.retain, len(pool))
-    wrapped = InContextModel(model, tok, prefixes)
+    wrapped = apply_ike_to_model(model, tok, requests, hparams, load_pool(context.pool_source))
     seconds = time.perf_counter() - start
     return AppliedEdit(method="ike", model=wrapped, config=dataclasses.asdict(hparams), touched=[], weights="none",
                        seconds=seconds, restore_weights=lambda: model, seed=hparams.seed,
                        phase_seconds={"edit": seconds},
-                       log={"pool": context.pool_source or SHIPPED_POOL, "usable_pool": len(pool),
-                            "prefix_tokens": [len(encode_prompt(tok, p)) for p in prefixes.values()]})
+                       log={"pool": context.pool_source or SHIPPED_POOL,
+                            "prefix_tokens": [len(encode_prompt(tok, p)) for p in wrapped.prefixes.values()]})
