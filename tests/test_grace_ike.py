@@ -258,3 +258,10 @@ def test_ike_runs_through_the_edit_command_and_saves_nothing(llama_dir, data_dir
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["method"] == "ike" and manifest["evaluation"]["post"]["n_records"] == 5
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_save_codebook_is_refused_for_methods_without_one(llama_dir, data_dir, tmp_path):
+    for method in ("locft-bf", "rome"):
+        result = _invoke("edit", "--data", data_dir / FIXTURE, "--model", llama_dir, "--recipe", method,
+                         "--out", tmp_path / method, "--save", "codebook", "--no-progress")
+        assert result.exit_code != 0 and "only GRACE keeps a codebook" in result.output, result.output
