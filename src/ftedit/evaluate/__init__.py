@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ftedit.data.requests import EditRequest
 from ftedit.errors import InputError
 from ftedit.evaluate import counterfact, zsre
@@ -68,11 +70,11 @@ def detect_protocol(requests: Sequence[EditRequest]) -> str:
                           "scored under one protocol; pass protocol='zsre' to score all of them by token accuracy")
 
 
-def _one_record_at_a_time(run, model, tok, requests, protocol: str, **options) -> tuple[dict, list]:
+def _one_record_at_a_time(run, model, tok, requests, protocol: str, show: bool, **options) -> tuple[dict, list]:
     """A model whose edit is a per-record prompt prefix (IKE; ``model.record_context``) sees one record per
     scoring run, inside that record's context; the protocol's summary then covers all of them."""
     records = []
-    for req in requests:
+    for req in tqdm(requests, desc=f"{protocol}, one record at a time", disable=not show):
         with model.record_context(req):
             records += run(model, tok, [req], **options)[1]
     summarize = counterfact.summarize_records if protocol == "counterfact" else zsre.summarize_records
@@ -122,8 +124,8 @@ def evaluate_requests(
                          "facts are given only while their own record is scored")
     try:
         if per_record:
-            summary, records = _one_record_at_a_time(run, model, tok, requests, chosen, batch_size=batch_size,
-                                                     progress=False, missing=missing)
+            summary, records = _one_record_at_a_time(run, model, tok, requests, chosen, progress,
+                                                     batch_size=batch_size, progress=False, missing=missing)
         else:
             summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing)
         if generation is not None:
