@@ -265,3 +265,22 @@ def test_save_codebook_is_refused_for_methods_without_one(llama_dir, data_dir, t
         result = _invoke("edit", "--data", data_dir / FIXTURE, "--model", llama_dir, "--recipe", method,
                          "--out", tmp_path / method, "--save", "codebook", "--no-progress")
         assert result.exit_code != 0 and "only GRACE keeps a codebook" in result.output, result.output
+
+
+def test_ike_zsre_records_score_like_the_prefixed_text_and_refuse_generation(gpt2_model, gpt2_tok, data_dir):
+    from ftedit.evaluate import GenerationOptions
+
+    requests = load_requests(data_dir / "fixtures/zsre_mend_eval_first5.json", n=3).requests
+    prefixes = {request_hash(r): f"New Fact: {r.prompt} {r.target_new}\n" for r in requests}
+    wrapped = InContextModel(gpt2_model, gpt2_tok, prefixes)
+    ike = evaluate_requests(wrapped, gpt2_tok, requests, progress=False, details=True)
+    plain = evaluate_requests(gpt2_model, gpt2_tok, [_prefixed(r, prefixes[request_hash(r)]) for r in requests],
+                              progress=False, details=True)
+    assert ike.protocol == plain.protocol == "zsre"
+    for metric in ("efficacy", "generalization", "locality"):
+        assert ike.summary[metric] == pytest.approx(plain.summary[metric])
+    nll = [[p["nll"] for r in result.records for kind in ("rewrite", "paraphrase", "neighborhood")
+            for p in r[kind]["prompts"]] for result in (ike, plain)]
+    assert nll[0] == pytest.approx(nll[1], abs=1e-4)
+    with pytest.raises(Exception, match="in-context edit"):
+        evaluate_requests(wrapped, gpt2_tok, requests, progress=False, generation=GenerationOptions(4))
