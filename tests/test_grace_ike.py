@@ -284,3 +284,16 @@ def test_ike_zsre_records_score_like_the_prefixed_text_and_refuse_generation(gpt
     assert nll[0] == pytest.approx(nll[1], abs=1e-4)
     with pytest.raises(Exception, match="in-context edit"):
         evaluate_requests(wrapped, gpt2_tok, requests, progress=False, generation=GenerationOptions(4))
+
+
+def test_bench_runs_grace_and_ike_next_to_each_other(tmp_path, gpt2_dir, data_dir):
+    from ftedit.bench import BenchSettings, resolve_entries, run_bench
+
+    settings = BenchSettings(model=str(gpt2_dir), data=str(data_dir / FIXTURE), out=str(tmp_path / "bench"), n=3)
+    entries = resolve_entries(["g=grace:layer=1,steps=5", "i=ike:copy=1,update=0,retain=0",
+                               "long=ike:copy=8"], [])  # the tiny GPT-2 has 256 positions
+    rows = {r["label"]: r for r in run_bench(settings, entries, isolate=False)["rows"]}
+    assert [r["status"] for r in rows.values()] == ["computed"] * 3 + ["failed"], rows
+    assert "than the model's 256 positions" in rows["long"]["error"]
+    assert rows["g"]["metrics"]["n_records"] == rows["i"]["metrics"]["n_records"] == 3
+    assert rows["i"]["metrics"] != rows["unedited"]["metrics"]

@@ -162,8 +162,16 @@ class InContextModel(nn.Module):
         strip = int(bos is not None and self._prefix[0] == bos and bool((input_ids[:, 0] == bos).all()))
         prefix = torch.tensor(self._prefix, device=input_ids.device).expand(input_ids.shape[0], -1)
         ids = torch.cat([prefix, input_ids[:, strip:]], dim=1)
+        self._check_length(ids.shape[1])
         mask = torch.cat([torch.ones_like(prefix), attention_mask[:, strip:]], dim=1)
         return ids, mask, prefix.shape[1] - strip
+
+    def _check_length(self, length: int) -> None:
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if limit and length > limit:
+            raise InputError(f"IKE: prefix ({len(self._prefix)} tokens) plus the scored text is {length} tokens, more "
+                             f"than the model's {limit} positions; use fewer demonstrations (copy, update, retain)")
 
     def forward(self, input_ids, attention_mask, **kwargs):
         ids, mask, start = self.prepend(input_ids, attention_mask)
