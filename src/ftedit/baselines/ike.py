@@ -154,7 +154,8 @@ class InContextModel(nn.Module):
             self._prefix = None
 
     def prepend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """(ids, mask, first output position to keep): the prefix's ids before every row's, its BOS dropped."""
+        """(ids, mask, first output position to keep): the prefix's ids before every row's (the rows' own BOS
+        dropped when the prefix starts with one)."""
         if self._prefix is None:
             raise RuntimeError("an IKE model scores one record at a time: run it through "
                                "ftedit.evaluate.evaluate_requests, or inside record_context(request)")
