@@ -282,7 +282,7 @@ def run_entry(p: Planned, settings: BenchSettings, model, tok, identity, request
     if p.entry.method != UNEDITED:
         applied = apply_method(p.entry.method, model, tok, requests, overrides=p.key["overrides"], pool=pool,
                                progress=settings.progress, model_fingerprint=identity.fingerprint,
-                               identity=identity)
+                               identity=identity, pool_source=settings.pool)
         info = {"trainable_parameters": applied.trainable_parameters,
                 "examples_by_kind": applied.examples_by_kind}
         record.update(config=applied.config, touched=applied.touched_dicts(), info=info,

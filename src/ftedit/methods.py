@@ -50,6 +50,7 @@ def apply_method(
     progress: bool = True,
     model_fingerprint: str = "",
     identity: Any = None,
+    pool_source: str | None = None,
 ) -> AppliedEdit:
     """Edit ``model`` in place with a registered method: a recipe (see ``ftedit recipes``) or a baseline.
 
@@ -57,7 +58,8 @@ def apply_method(
     """
     spec = get_method(name)
     config = spec.resolve_config(config_file, overrides)
-    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint, identity=identity)
+    context = ApplyContext(pool=pool, progress=progress, model_fingerprint=model_fingerprint, identity=identity,
+                           pool_source=pool_source)
     return apply_spec(spec, config, model, tok, requests, context)
 
 

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"  # inside --out while training; replaced by the finished edit
 #: What a finished edit's folder may hold: everything ftedit writes there, nothing else.
-RESULT_ENTRIES = frozenset({"manifest.json", "config.yaml", LEDGER_NAME, "model", "adapter", CHECKPOINT_DIR})
+RESULT_ENTRIES = frozenset({"manifest.json", "config.yaml", LEDGER_NAME, "model", "adapter", "codebook",
+                            CHECKPOINT_DIR})
 NEW_DIR_HINT = "choose a new or empty --out directory (ftedit never deletes files it did not write)"
 
 
@@ -202,7 +203,8 @@ def ledger_entries(applied: AppliedEdit, manifest: dict[str, Any],
 def save_edit(out_dir: str | Path, applied: AppliedEdit, tok, manifest: dict[str, Any], save: str = "model",
               overwrite: bool = False, history: Sequence[LedgerEntry] = (),
               state_dict: dict[str, Any] | None = None) -> Path:
-    """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``) or neither (``"none"``).
+    """Write the edited model (``save="model"``), only the LoRA adapter (``"adapter"``), an edit kept beside
+    the weights (``"codebook"``: GRACE's, see :func:`ftedit.baselines.grace.load_grace`) or none (``"none"``).
 
     With a model or adapter, ``ledger.jsonl`` lists ``history`` (the base model's ledger) and then this
     edit's requests, both in the output directory and inside the model/adapter directory. ``state_dict``:
@@ -218,8 +220,12 @@ def save_edit(out_dir: str | Path, applied: AppliedEdit, tok, manifest: dict[str
                 raise UsageError(f"--save adapter needs LoRA adapters (params.method=lora); {applied.method} "
                                  "changed the weights themselves: use --save model or none")
             applied.model.save_pretrained(tmp / "adapter")
+        elif save == "codebook":
+            if applied.save_state is None:
+                raise UsageError(f"--save codebook: {applied.method} keeps no codebook; use --save model or none")
+            applied.save_state(tmp / "codebook")
         elif save != "none":
-            raise UsageError(f"unknown save mode {save!r}: use model, adapter or none")
+            raise UsageError(f"unknown save mode {save!r}: use model, adapter, codebook or none")
         if save != "none":  # a ledger lists the edits a saved model carries; with nothing saved there is none
             entries = ledger_entries(applied, manifest, history, adapter=SAVED_ALONE if save == "adapter" else "")
             for where in (tmp, tmp / save):

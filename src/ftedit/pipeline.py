@@ -49,7 +49,7 @@ class EditOptions:
     n: int | None = None
     offset: int = 0
     skip_invalid: bool = False
-    save: str = "model"
+    save: str | None = None  # None: the method's default (model; grace: codebook; ike: none)
     evaluate: bool = True
     overwrite: bool = False
     device: str | None = None
@@ -80,41 +80,62 @@ def _mode(config) -> str:
 def _check_capabilities(spec: MethodSpec, config, opts: EditOptions, parallel: DataParallel) -> str:
     """Errors for options ``spec`` does not support; returns the save mode to use."""
     caps, name = spec.capabilities, spec.name
+    save = opts.save or caps.saves[0]
+    _check_save(name, caps, save)
     unsupported = [flag for flag, asked, ok in (("--resume", opts.resume, caps.resume),
                                                 ("--quantize", bool(opts.quantize), caps.quantize),
-                                                ("--save adapter", opts.save == "adapter", caps.adapter),
                                                 ("FSDP sharding", parallel.sharded, caps.sharded)) if asked and not ok]
     if unsupported:
-        raise UsageError(f"{', '.join(unsupported)}: not supported by {name} (it edits the weights in closed "
-                         "form); use a fine-tuning recipe, or --save model | none")
+        raise UsageError(f"{', '.join(unsupported)}: not supported by {name} (it does not train the weights); "
+                         "use a fine-tuning recipe")
     if _mode(config) not in caps.modes:
         raise UsageError(f"mode {_mode(config)!r}: {name} supports {', '.join(caps.modes)}")
     if opts.pool and not caps.pool:
         logger.warning("%s does not use a fact pool; ignoring --pool %s", name, opts.pool)
     if not isinstance(config, EditConfig):
-        return opts.save
-    return _check_recipe(config, opts, parallel)
+        return save
+    return _check_recipe(config, opts, parallel, save)
 
 
-def _check_recipe(cfg: EditConfig, opts: EditOptions, parallel: DataParallel) -> str:
+_CANNOT_SAVE = {
+    "codebook": "its edits live in the weights; only GRACE keeps a codebook",
+    "adapter": "it trains no LoRA adapters",
+}
+
+
+def _check_save(name: str, caps, save: str) -> None:
+    """``--save`` must be one the method can write; say why not, and what it can."""
+    if save in caps.saves:
+        return
+    if caps.in_context:
+        why = "it edits nothing: each new fact is a prompt prefix, given only when its own record is scored"
+    elif "codebook" in caps.saves:
+        why = ("its edits are a key-value codebook consulted beside the weights, which cannot be merged into plain "
+               "weights; load a saved codebook onto the base model with ftedit.baselines.grace.load_grace")
+    else:
+        why = _CANNOT_SAVE.get(save, "")
+    raise UsageError(f"--save {save}: not supported by {name} ({why}); use --save {' | '.join(caps.saves)}")
+
+
+def _check_recipe(cfg: EditConfig, opts: EditOptions, parallel: DataParallel, save: str) -> str:
     if parallel.sharded and (opts.resume or opts.quantize or cfg.params.method != "full"):
         raise UsageError("under FSDP sharding ftedit trains full weights (params.method=full), without --quantize, "
                          "and writes no resumable checkpoints (--resume); use DDP (no FSDP config) for those")
-    if opts.save == "adapter" and cfg.params.method != "lora":
+    if save == "adapter" and cfg.params.method != "lora":
         raise UsageError("--save adapter needs LoRA training (--set params.method=lora); full-weight edits "
                          "save the model (--save model)")
-    if opts.quantize and (cfg.params.method != "lora" or opts.save == "model"):
+    if opts.quantize and (cfg.params.method != "lora" or save == "model"):
         raise UsageError(f"--quantize {opts.quantize}: quantized base weights are frozen; train LoRA adapters "
                          "(--set params.method=lora) and save them with --save adapter")
     if (cfg.augment.n_random or cfg.augment.n_similar) and not (opts.pool or cfg.augment.pool):
         raise UsageError(f"recipe {cfg.recipe} draws random/similar facts from a pool: pass --pool FILE "
                          "(e.g. the COUNTERFACT train split), --pool shipped, or --set augment.n_random=0 "
                          "augment.n_similar=0")
-    if cfg.mode == "single" and opts.save != "none":
+    if cfg.mode == "single" and save != "none":
         logger.warning("single mode measures each edit on a fresh copy of the model: nothing edited to save; "
                        "writing the manifest and per-edit metrics only")
         return "none"
-    return opts.save
+    return save
 
 
 def _device(opts: EditOptions, parallel: DataParallel) -> str | None:
@@ -185,8 +206,9 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     chat_setting = config.objective.chat_template if isinstance(config, EditConfig) else "off"
     requests, facts, chat = apply_chat_template(tok, inputs.requests, inputs.facts, chat_setting)
     single = _mode(config) == "single"
+    in_context = spec.capabilities.in_context  # IKE: no generation or reach check outside the scoring harness
     # a sharded model's forwards need every process (each holds a shard): all of them generate, like they score
-    speaks = opts.evaluate and not single and (parallel.is_main or parallel.sharded)
+    speaks = opts.evaluate and not single and not in_context and (parallel.is_main or parallel.sharded)
     said = what_it_says(base, tok, inputs.requests, chat) if speaks else None
     # every process scores the unedited model, so that none waits at the first gradient sum for longer
     # than the process group's timeout while rank 0 evaluates
@@ -194,12 +216,13 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
         if opts.evaluate else None
     context = ApplyContext(pool=facts, progress=opts.progress, model_fingerprint=identity.fingerprint,
                            checkpoints=_checkpoints(spec, config, out, inputs.requests, identity, opts, parallel),
-                           identity=identity)
+                           identity=identity, pool_source=_pool_source(config, opts))
     start = time.perf_counter()
     applied = apply_spec(spec, config, base, tok, requests, context)
     wall = time.perf_counter() - start
     # single mode undid each edit after measuring it: nothing left to check
-    unreached = None if single else check_reached(applied.model, tok, requests, config, warn=parallel.is_main)
+    unreached = None if single or in_context else check_reached(applied.model, tok, requests, config,
+                                                                 warn=parallel.is_main)
     post, said_after, state_dict = None, None, None
     if parallel.sharded:  # every process takes part in a sharded model's forwards and in gathering it
         if opts.evaluate and not single:
@@ -216,8 +239,9 @@ def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Pa
     if opts.evaluate and not single:
         post = post or evaluate_requests(applied.model, tok, requests, progress=opts.progress, missing=MISSING)
         extra["evaluation"] = {"pre": pre.summary, "post": post.summary, "compare": compare(pre, post)}
-        said_after = said_after or what_it_says(applied.model, tok, inputs.requests, chat)
-        extra["generations"] = before_after(inputs.requests, said, said_after)
+        if speaks:
+            said_after = said_after or what_it_says(applied.model, tok, inputs.requests, chat)
+            extra["generations"] = before_after(inputs.requests, said, said_after)
     elif single:
         extra["evaluation"] = {"pre": pre.summary if pre else None, "single_edit": applied.single_edit_metrics}
     manifest = build_manifest(applied, inputs.requests, identity.to_dict(), extra)

@@ -12,7 +12,7 @@ from ftedit.evaluate.common import check_policy
 from ftedit.models import QUANTIZATIONS, check_model_spec, parse_dtype
 from ftedit.outputs import check_writable
 
-SAVE_MODES = ("model", "adapter", "none")
+SAVE_MODES = ("model", "adapter", "codebook", "none")
 
 
 def check_selection(n: int | None, offset: int) -> None:
@@ -32,13 +32,13 @@ def check_device(device: str | None, dtype: str | None) -> None:
     parse_dtype(dtype, torch.device("cpu"))
 
 
-def check_edit_options(*, model: str, n: int | None, offset: int, save: str, device: str | None,
+def check_edit_options(*, model: str, n: int | None, offset: int, save: str | None, device: str | None,
                        dtype: str | None, quantize: str | None) -> None:
     """Options of ``ftedit edit`` that need neither the model nor the method's config."""
     check_selection(n, offset)
     check_device(device, dtype)
     check_model_spec(model)
-    if save not in SAVE_MODES:
+    if save is not None and save not in SAVE_MODES:
         raise UsageError(f"--save {save!r}: use one of {', '.join(SAVE_MODES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UsageError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")

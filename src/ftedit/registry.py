@@ -36,11 +36,17 @@ class Capabilities:
     locate: bool = False  # params.layers=auto
     sharded: bool = False  # trains under FSDP sharding
     modes: tuple[str, ...] = ("mass",)  # mass | single | sequential
+    saves: tuple[str, ...] = ("model", "none")  # --save modes, the default first (model | adapter | codebook | none)
+    in_context: bool = False  # the edit is a per-record prompt prefix: scored one record at a time, saves nothing
 
 
 RECIPE_CAPABILITIES = Capabilities(resume=True, adapter=True, quantize=True, pool=True, locate=True, sharded=True,
-                                   modes=("mass", "single", "sequential"))
+                                   modes=("mass", "single", "sequential"), saves=("model", "adapter", "none"))
 CLOSED_FORM = Capabilities()
+#: GRACE: sequential by construction; the codebook sits beside the weights and cannot be merged into them.
+CODEBOOK = Capabilities(saves=("codebook", "none"))
+#: IKE: single editing by nature (each record is scored with only its own fact in context); nothing to save.
+IN_CONTEXT = Capabilities(pool=True, saves=("none",), in_context=True)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class ApplyContext:
     model_fingerprint: str = ""
     checkpoints: Checkpoints | None = None  # for methods with Capabilities.resume
     identity: Any = None  # the model's ModelIdentity: finds the shipped location of a bundled model
+    pool_source: str | None = None  # the --pool file (or "shipped") itself, for methods that read whole records
 
 
 @dataclass
@@ -78,6 +85,7 @@ class AppliedEdit:
     seconds: float  # wall time of the edit
     restore_weights: Callable[[], nn.Module]
     merge: Callable[[], nn.Module] | None = None  # folds LoRA adapters into the weights
+    save_state: Callable[[Path], Path] | None = None  # writes an edit kept beside the weights (GRACE's codebook)
     seed: int = 0
     trainable_parameters: int = 0
     train: list[TrainResult] = field(default_factory=list)  # one per training run; empty for closed forms
@@ -170,6 +178,10 @@ _closed_form("memit", "memit", "MEMITHyperParams")
 _closed_form("alphaedit", "alphaedit", "AlphaEditHyperParams")
 _closed_form("mend", "mend", "MENDHyperParams")  # hypernetworks: a trained editor applies in closed form
 _closed_form("malmen", "malmen", "MALMENHyperParams")
+register(MethodSpec("grace", "ftedit.baselines.grace:GRACEHyperParams", "ftedit.baselines.grace:apply_grace",
+                    CODEBOOK, seed_field="seed"))
+register(MethodSpec("ike", "ftedit.baselines.ike:IKEHyperParams", "ftedit.baselines.ike:apply_ike",
+                    IN_CONTEXT, seed_field="seed"))
 
 
 def _recipe_spec(name: str) -> MethodSpec:

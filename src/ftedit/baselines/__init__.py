@@ -1,5 +1,6 @@
-"""Baseline editors in ftedit's harness: ROME, MEMIT, AlphaEdit (closed-form MLP edits). The fine-tuning
-baselines FT, FT-L and FT-M are recipes (``ftedit recipes``).
+"""Baseline editors in ftedit's harness: ROME, MEMIT, AlphaEdit (closed-form MLP edits), GRACE (a key-value
+codebook at one layer, :mod:`~ftedit.baselines.grace`) and IKE (in-context editing, :mod:`~ftedit.baselines.ike`).
+The fine-tuning baselines FT, FT-L and FT-M are recipes (``ftedit recipes``).
 
 Each method has a hyperparameter dataclass with documented defaults and one entry point
 ``apply_<method>_to_model(model, tok, requests, hparams)``; each is registered in :mod:`ftedit.registry`, so

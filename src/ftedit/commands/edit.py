@@ -58,7 +58,7 @@ def edit_command(
     out: Annotated[Path, typer.Option(help="Output directory (model or adapter, manifest.json, config.yaml).")],
     model: options.Model = "demo",
     recipe: Annotated[str, typer.Option(help="Named recipe (see `ftedit recipes`) or baseline: rome, memit, "
-                                              "alphaedit, mend, malmen (editors from `ftedit train-editor`).")] = DEFAULT_RECIPE,
+                                              "alphaedit, grace, ike, mend, malmen (editors from `ftedit train-editor`).")] = DEFAULT_RECIPE,
     config: Annotated[Path | None, typer.Option(help="YAML/TOML file overriding recipe fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one field, e.g. train.lr=1e-4.")] = None,
     pool: Annotated[str | None, typer.Option(help="Fact pool for random/similar augmentation (default: the "
@@ -68,7 +68,8 @@ def edit_command(
     n: Annotated[int | None, typer.Option(help="Number of edit records (default: all).")] = None,
     offset: Annotated[int, typer.Option(help="First record index.")] = 0,
     skip_invalid: Annotated[bool, typer.Option(help="Skip invalid records (reported) instead of failing.")] = False,
-    save: Annotated[str, typer.Option(help="model | adapter | none.")] = "model",
+    save: Annotated[str | None, typer.Option(
+        help="model | adapter | codebook | none (default: the method's; model, grace: codebook, ike: none).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate before and after editing.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str | None, typer.Option(

@@ -16,8 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ftedit.data.requests import EditRequest
 from ftedit.errors import InputError
+from ftedit.evaluate import counterfact, zsre
 from ftedit.evaluate.common import EvaluationError, is_finite
 from ftedit.evaluate.counterfact import evaluate_counterfact
 from ftedit.evaluate.generation import GenerationOptions, evaluate_generation
@@ -68,6 +71,17 @@ def detect_protocol(requests: Sequence[EditRequest]) -> str:
                           "scored under one protocol; pass protocol='zsre' to score all of them by token accuracy")
 
 
+def _one_record_at_a_time(run, model, tok, requests, protocol: str, show: bool, **options) -> tuple[dict, list]:
+    """A model whose edit is a per-record prompt prefix (IKE; ``model.record_context``) sees one record per
+    scoring run, inside that record's context; the protocol's summary then covers all of them."""
+    records = []
+    for req in tqdm(requests, desc=f"{protocol}, one record at a time", disable=not show):
+        with model.record_context(req):
+            records += run(model, tok, [req], **options)[1]
+    summarize = counterfact.summarize_records if protocol == "counterfact" else zsre.summarize_records
+    return summarize(records), records
+
+
 def _merge_generation(summary, records, gen_summary, gen_records) -> None:
     summary.update(gen_summary)
     for rec, gen in zip(records, gen_records, strict=True):
@@ -105,10 +119,19 @@ def evaluate_requests(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    per_record = hasattr(model, "record_context")
+    if per_record and generation is not None:
+        raise InputError("fluency/consistency (generation) cannot be measured on an in-context edit (IKE): its "
+                         "facts are given only while their own record is scored")
     try:
         stats: dict = {}
-        summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing,
-                               stats=stats)
+        if per_record:
+            summary, records = _one_record_at_a_time(run, model, tok, requests, chosen, progress,
+                                                     batch_size=batch_size, progress=False, missing=missing,
+                                                     stats=stats)
+        else:
+            summary, records = run(model, tok, requests, batch_size=batch_size, progress=progress, missing=missing,
+                                   stats=stats)
         if generation is not None:
             gen_summary, gen_records = evaluate_generation(
                 model, tok, requests, generation, snippets=snippets, vectorizer=vectorizer,

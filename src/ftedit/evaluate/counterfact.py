@@ -100,7 +100,8 @@ def _record(req: EditRequest, slots: dict[str, list[tuple[str, int]]], scores: l
     return rec
 
 
-def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's summary of per-record details."""
     return summarize("counterfact", records, KINDS, METRIC, {"": "success", "_magnitude": "magnitude", "_acc": "acc"})
 
 
@@ -123,4 +124,4 @@ def evaluate_counterfact(
     scores = score_pairs(model, tok, plan.pairs, batch_size=batch_size, progress=progress, desc="counterfact",
                          compare=compare, stats=stats)
     records = [_record(req, slots, scores) for req, slots in zip(requests, plan.slots)]
-    return _summary(records), records
+    return summarize_records(records), records

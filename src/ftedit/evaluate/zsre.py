@@ -58,7 +58,8 @@ def _kind_metrics(scored: list[tuple[tuple[str, str], PairScore]]) -> dict[str, 
     }
 
 
-def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's summary of per-record details."""
     return summarize("zsre", records, KINDS, METRIC, {"": "accuracy", "_exact": "exact"})
 
 
@@ -88,4 +89,4 @@ def evaluate_zsre(
             scored = [(pair, next(scores)) for pair in rec[kind]]
             row[kind] = _kind_metrics(scored) if scored else None
         records.append(row)
-    return _summary(records), records
+    return summarize_records(records), records
