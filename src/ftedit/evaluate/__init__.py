@@ -71,13 +71,18 @@ def detect_protocol(requests: Sequence[EditRequest]) -> str:
                           "scored under one protocol; pass protocol='zsre' to score all of them by token accuracy")
 
 
-def _one_record_at_a_time(run, model, tok, requests, protocol: str, show: bool, **options) -> tuple[dict, list]:
+def _one_record_at_a_time(run, model, tok, requests, protocol: str, show: bool, stats: dict | None = None,
+                          **options) -> tuple[dict, list]:
     """A model whose edit is a per-record prompt prefix (IKE; ``model.record_context``) sees one record per
     scoring run, inside that record's context; the protocol's summary then covers all of them."""
     records = []
     for req in tqdm(requests, desc=f"{protocol}, one record at a time", disable=not show):
+        one: dict = {}
         with model.record_context(req):
-            records += run(model, tok, [req], **options)[1]
+            records += run(model, tok, [req], stats=one, **options)[1]
+        if stats is not None:  # counts add up over the records
+            stats.update({k: stats.get(k, 0) + one.get(k, 0) for k in ("pairs", "rescored")},
+                         bf16=one.get("bf16", False))
     summarize = counterfact.summarize_records if protocol == "counterfact" else zsre.summarize_records
     return summarize(records), records
 
