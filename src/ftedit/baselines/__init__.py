@@ -1,5 +1,6 @@
 """Baseline editors in ftedit's harness: ROME, MEMIT, AlphaEdit (closed-form MLP edits), GRACE (a key-value
-codebook at one layer, :mod:`~ftedit.baselines.grace`) and IKE (in-context editing, :mod:`~ftedit.baselines.ike`).
+codebook at one layer, :mod:`~ftedit.baselines.grace`), IKE (in-context editing, :mod:`~ftedit.baselines.ike`)
+and the hypernetwork editors MEND and MALMEN (:mod:`~ftedit.baselines.mend`, :mod:`~ftedit.baselines.malmen`).
 The fine-tuning baselines FT, FT-L and FT-M are recipes (``ftedit recipes``).
 
 Each method has a hyperparameter dataclass with documented defaults and one entry point
