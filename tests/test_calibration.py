@@ -72,3 +72,15 @@ def test_precision_and_other_execution_settings_find_the_same_search():
                      "objective.locality_loss=ce", "train.stop_margin=1.0"):
         assert search_settings(resolve_config("locft-bf-rand", overrides=[override])) == base, override
     assert search_settings(resolve_config("locft-bf-rand", overrides=["train.lr=1e-3"])) != base
+
+
+def test_a_lora_edit_uses_the_full_weight_search():
+    from ftedit.config import resolve_config
+    from ftedit.locate import Candidate, full_weight_twin, search_settings, trial_config
+
+    base = resolve_config("locft-bf-rand")
+    lora = resolve_config("locft-bf-rand", overrides=["params.method=lora"])
+    assert lora.train.lr != base.train.lr  # the adapter trains at its own rate ...
+    assert search_settings(full_weight_twin(lora)) == search_settings(base)  # ... but is placed like full weights
+    assert search_settings(lora) != search_settings(base)
+    assert trial_config(lora, Candidate(1, "up"), 3).params.method == "full"

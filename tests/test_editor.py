@@ -158,6 +158,7 @@ def test_dpo_loss_is_the_weighted_dpo_formula(weight):
 def test_batch_loss_adds_the_dpo_term_only_with_a_weight():
     class CraftedScorer:
         device = torch.device("cpu")
+        locality_ref: dict = {}  # no pool facts under a KL locality loss
         nll, logp = torch.tensor([0.4, 0.8]), {"chosen": torch.tensor([-1.0, -2.0]), "rejected": torch.tensor([-3.0])}
 
         def __call__(self, idx, which="chosen"):

@@ -128,8 +128,13 @@ def sample_edits(requests: Sequence[EditRequest], cfg: LocateConfig) -> list[Edi
 
 
 def trial_config(base: EditConfig, candidate: Candidate, epochs: int) -> EditConfig:
-    """The recipe at one location and budget, without augmentation, as a mass edit."""
+    """The recipe at one location and budget, without augmentation, as a mass edit of full weights.
+
+    Where a model keeps its facts does not depend on how the edit is parametrized: a LoRA edit uses the location
+    that full-weight trials find (a low-rank trial would measure the adapter's capacity as much as the place),
+    so it shares their search, and a bundled model's shipped one."""
     cfg = copy.deepcopy(base)
+    cfg.params.method = "full"
     cfg.params.layers = str(candidate.layer)
     cfg.params.modules = candidate.module
     cfg.mode = "mass"
@@ -253,10 +258,7 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
                  if k not in ("chat_template", "locality_loss", "locality_top_k")}
     train = {k: v for k, v in trial["train"].items() if _NEUTRAL_TRAIN.get(k, _DECIDES) != v}
     train.update(_EXECUTION_ONLY)
-    settings = {"locate": search, "objective": objective, "train": train, "params": params}
-    if params["method"] == "lora":  # adapter settings decide only a search whose trials train adapters
-        settings["lora"] = trial["lora"]
-    return settings
+    return {"locate": search, "objective": objective, "train": train, "params": params}
 
 
 def settings_key(settings: dict[str, Any], calibration_sha256: str) -> str:
@@ -320,6 +322,19 @@ def calibration_search(model: nn.Module, tok, config: EditConfig, progress: bool
                  model_fingerprint=model_fingerprint)
 
 
+def full_weight_twin(config: EditConfig) -> EditConfig:
+    """The config whose search places ``config``: a LoRA edit of a recipe is placed where the recipe's
+    full-weight edit goes (its learning rate and epochs, not the adapter's), so both share one search and a
+    bundled model's shipped location. Other configs place themselves."""
+    if config.params.method != "lora":
+        return config
+    from ftedit.config import recipe_names, resolve_config
+
+    twin = resolve_config(config.recipe) if config.recipe in recipe_names() else copy.deepcopy(config)
+    twin.params.method, twin.params.layers, twin.locate = "full", config.params.layers, config.locate
+    return twin
+
+
 def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = None, progress: bool = True,
                      model_fingerprint: str = "", calibration: str | Path | None = None
                      ) -> tuple[EditConfig, dict[str, Any]]:
@@ -334,7 +349,8 @@ def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = 
     from ftedit.calibration import calibration_path, calibration_sha256
 
     cal_file = str(calibration or calibration_path())
-    settings = search_settings(config)
+    searched = full_weight_twin(config)
+    settings = search_settings(searched)
     key = settings_key(settings, calibration_sha256(cal_file))
     fingerprint = model_fingerprint or getattr(identity, "fingerprint", "")
     shipped = shipped_result(identity, key) if calibration is None else None
@@ -342,7 +358,7 @@ def resolve_location(model: nn.Module, tok, config: EditConfig, identity: Any = 
         result, source = SweepResult.from_dict(shipped["search"]), "shipped"
         why = f"shipped calibration result for bundled model {shipped['model']!r} (same GGUF file and settings)"
     else:
-        result = calibration_search(model, tok, config, progress, fingerprint, calibration)
+        result = calibration_search(model, tok, searched, progress, fingerprint, calibration)
         source = "cached" if result.cached else "search"
         why = ("cached calibration search of this model" if result.cached else
                f"fresh calibration search ({result.seconds:.0f}s), now cached for this model")
