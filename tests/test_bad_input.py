@@ -355,8 +355,11 @@ def test_verbose_shows_the_traceback_of_a_domain_error(tmp_path, llama_dir, no_m
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_STEPS = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+# a suite started in the background (sh's `cmd &`) passes SIGINT on as ignored: what a user's Ctrl-C meets is
+# Python's own handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ftedit.train import Stepper
 accumulate, taken = Stepper.accumulate, []
 def step(self, *args, **kwargs):
