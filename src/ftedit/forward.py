@@ -254,17 +254,10 @@ class PrefixActivations:
 
     def nll(self, indices: list[int], pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`per_example_nll` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
-        return self._suffix(per_example_nll, indices, pairs)
+        return self.run(per_example_nll, indices, pairs)
 
-    def logits(self, indices: list[int], pairs: list):
-        """:func:`labelled_logits` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
-        return self._suffix(labelled_logits, indices, pairs)
-
-    def margin(self, indices: list[int], pairs: list) -> torch.Tensor:
-        """:func:`per_example_margin` of ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
-        return self._suffix(per_example_margin, indices, pairs)
-
-    def _suffix(self, fn, indices: list[int], pairs: list):
+    def run(self, fn, indices: list[int], pairs: list):
+        """``fn(model, batch)`` on ``pairs`` (the examples at ``indices``), running only blocks ``k..``."""
         from ftedit.tokenization import pad_right
 
         device = next(self.model.parameters()).device

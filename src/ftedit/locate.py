@@ -239,7 +239,6 @@ def sweep(model: nn.Module, tok, requests: Sequence[EditRequest], base: EditConf
 #: Training options added after searches were shipped, at the value that switches them off: they do not
 #: decide a trial, and leaving them out keeps the keys of earlier searches valid.
 _NEUTRAL_TRAIN = {"threshold_check": "after", "stop_margin": 0.0, "fresh_optimizer_per_edit": False}
-_DECIDES = object()
 #: How a trial is computed, not what it trains (precision, cached or recomputed activations, checkpoints): one
 #: canonical value in the key, so a bf16 run finds the search an fp32 run shipped.
 _EXECUTION_ONLY = {"mixed_precision": "auto", "cache_activations": True, "gradient_checkpointing": False,
@@ -256,7 +255,7 @@ def search_settings(base: EditConfig, locate: LocateConfig | None = None) -> dic
     # calibration is plain text; trials train no pool facts, so their loss does not decide a trial
     objective = {k: v for k, v in trial["objective"].items()
                  if k not in ("chat_template", "locality_loss", "locality_top_k")}
-    train = {k: v for k, v in trial["train"].items() if _NEUTRAL_TRAIN.get(k, _DECIDES) != v}
+    train = {k: v for k, v in trial["train"].items() if k not in _NEUTRAL_TRAIN or _NEUTRAL_TRAIN[k] != v}
     train.update(_EXECUTION_ONLY)
     return {"locate": search, "objective": objective, "train": train, "params": params}
 

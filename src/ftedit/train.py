@@ -137,35 +137,26 @@ class Scorer:
                 self.caches["rejected"] = PrefixActivations(
                     model, prefix_layers, [encoded[i].rejected for i in self.rejected_idx], pad_id, batch_size)
 
-    def __call__(self, idx: list[int], which: str = "chosen") -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, fn, idx: list[int], which: str = "chosen"):
+        """``fn(model, batch)`` on the chosen or rejected answers of ``idx``, through the prefix cache if any."""
         pairs = [getattr(self.encoded[i], which) for i in idx]
         cache = self.caches[which]
         if cache is None:
-            return per_example_nll(self.model, pad_right(pairs, self.pad_id).to(self.device))
+            return fn(self.model, pad_right(pairs, self.pad_id).to(self.device))
         rows = idx if which == "chosen" else [self.rejected_pos[i] for i in idx]
-        return cache.nll(rows, pairs)
+        return cache.run(fn, rows, pairs)
+
+    def __call__(self, idx: list[int], which: str = "chosen") -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(per_example_nll, idx, which)
 
     def logits(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 logits at the labelled positions of the chosen answers, their tokens, and each one's row."""
-        pairs = [self.encoded[i].chosen for i in idx]
-        cache = self.caches["chosen"]
-        if cache is None:
-            return labelled_logits(self.model, pad_right(pairs, self.pad_id).to(self.device))
-        return cache.logits(idx, pairs)
+        return self._run(labelled_logits, idx)
 
     @torch.no_grad()
     def margins(self, idx: list[int], batch_size: int) -> torch.Tensor:
         """Per example, the smallest margin of a target token's log-prob over the best other token's."""
-        out = []
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            pairs = [self.encoded[i].chosen for i in chunk]
-            cache = self.caches["chosen"]
-            if cache is None:
-                out.append(per_example_margin(self.model, pad_right(pairs, self.pad_id).to(self.device)))
-            else:
-                out.append(cache.margin(chunk, pairs))
-        return torch.cat(out)
+        return torch.cat([self._run(per_example_margin, chunk) for chunk in _chunks(idx, batch_size)])
 
 
 @torch.no_grad()
