@@ -77,7 +77,8 @@ def main() -> None:
         torch.manual_seed(cfg.train.seed)
         start = time.perf_counter()
         applied = apply_spec(spec, cfg, model, tok, requests,
-                             ApplyContext(pool=pool, progress=False, model_fingerprint=identity.fingerprint))
+                             ApplyContext(pool=pool, progress=False, model_fingerprint=identity.fingerprint,
+                                          identity=identity))
         seconds = time.perf_counter() - start
         post = evaluate_requests(applied.model, tok, scored, progress=False).summary
         unreached = unreached_edits(applied.model, tok, requests)
