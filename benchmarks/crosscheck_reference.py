@@ -55,7 +55,9 @@ from safetensors import safe_open
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import ftedit.baselines.alphaedit as ft_alphaedit
+import ftedit.baselines.common as ft_common
 import ftedit.baselines.memit as ft_memit
+import ftedit.baselines.rome as ft_rome
 from ftedit.baselines.common import (
     activations_at,
     context_prefixes,
@@ -329,6 +331,66 @@ def z_realized(model, tok, requests: Sequence[EditRequest], z_layer: int, before
             "intended_norm": want.norm(dim=1).mean().item()}
 
 
+class _ReversedKL:
+    """``torch.nn.functional`` with ``kl_div``'s arguments swapped: ftedit's KL(original || edited) becomes the
+    reference's KL(edited || original)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def kl_div(input, target, **kwargs):
+        return torch.nn.functional.kl_div(target, input, **kwargs)
+
+
+def _reference_keys(original):
+    """MEMIT's reference keys: the mean of the bare prompt's key and of the prefixed prompts' mean key."""
+    def keys(model, tok, requests, prefixes, layer):
+        return 0.5 * original(model, tok, requests, prefixes[:1], layer) + \
+            0.5 * original(model, tok, requests, prefixes[1:], layer)
+    return keys
+
+
+def _reference_denominator():
+    """ROME's update scaled as the reference scales it: ``δ uᵀ / (uᵀ k)`` with ``k`` the bare prompt's key (ftedit:
+    ``uᵀ k̄``, k̄ averaged over the prefixes); ``u = C⁻¹ k̄`` on both sides."""
+    seen = {}
+    original_keys, original_update = ft_rome.mean_keys, ft_rome.rank_one_update
+
+    def keys(model, tok, requests, prefixes, layer):
+        seen["bare"] = original_keys(model, tok, requests, [""], layer)[:, 0]
+        return original_keys(model, tok, requests, prefixes, layer)
+
+    def update(weight, key, value, cov):
+        u = torch.linalg.solve(cov.double(), key.double()) if cov is not None else key.double()
+        return original_update(weight, key, value, cov) * ((u @ key.double()) / (u @ seen["bare"]))
+
+    return [(ft_rome, "mean_keys", keys), (ft_rome, "rank_one_update", update)]
+
+
+VARIANTS = ("none", "reversed-kl", "reference-keys", "plain-residual", "reference-denominator")
+
+
+@contextlib.contextmanager
+def ftedit_variant(name: str):
+    """ftedit's side with one of the reference's choices (patched for this run only), to measure what it changes:
+    ``reversed-kl`` (value objectives' KL direction), ``reference-keys`` (MEMIT/AlphaEdit key averaging),
+    ``plain-residual`` (MEMIT/AlphaEdit: block-output residuals written into the down projection as they are,
+    without mapping them through a post-MLP norm), ``reference-denominator`` (ROME's scale)."""
+    patches = {"none": [], "reversed-kl": [(ft_common, "F", _ReversedKL())],
+               "reference-keys": [(ft_memit, "mean_keys", _reference_keys(ft_memit.mean_keys))],
+               "plain-residual": [(ft_memit, "post_mlp_module", lambda model, layer: None)],
+               "reference-denominator": _reference_denominator() if name == "reference-denominator" else []}[name]
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
+    for module, attr, value in patches:
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
 def score(model, tok, requests) -> dict[str, Any]:
     result = evaluate_requests(model, tok, requests, progress=False, details=True)
     return {**{k: result.summary[k] for k in KEYS}, "records": result.records}
@@ -347,14 +409,14 @@ class Run:
     requests: list[EditRequest]
 
 
-def run_ftedit(model, tok, run: Run, identity, weights: Weights) -> dict[str, Any]:
+def run_ftedit(model, tok, run: Run, identity, weights: Weights, variant: str = "none") -> dict[str, Any]:
     spec = get_method(run.method)
     box: list = []
     patch = {"memit": (ft_memit, "target_values"), "alphaedit": (ft_alphaedit, "target_values")}.get(run.method)
     record = recorded(*patch, box) if patch else contextlib.nullcontext()
     torch.manual_seed(getattr(run.cfg, "seed", 0) if not hasattr(run.cfg, "train") else run.cfg.train.seed)
     start = time.perf_counter()
-    with record:
+    with record, ftedit_variant(variant):
         applied = apply_spec(spec, run.cfg, model, tok, run.requests,
                              ApplyContext(progress=False, model_fingerprint=identity.fingerprint, identity=identity))
     out: dict[str, Any] = {"edit_seconds": time.perf_counter() - start,
@@ -474,7 +536,7 @@ def compare(ref, model, tok, identity, run: Run, args, stats_dir: Path, tpl: Tem
         logger.info("%s: %s side on %d requests", run.method, side, len(run.requests))
         try:
             if side == "ftedit":
-                result = run_ftedit(model, tok, run, identity, weights)
+                result = run_ftedit(model, tok, run, identity, weights, args.ftedit_variant)
             else:
                 hparams = reference_hparams(ref, run.method, run.cfg, run.layers, n_layers, tpl, stats_dir,
                                             identity.spec)
@@ -512,6 +574,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[],
                     help="override of ftedit's config, used by both sides: key=value or METHOD:key=value")
     ap.add_argument("--templates", default="shared", choices=["shared", "reference"])
+    ap.add_argument("--ftedit-variant", default="none", choices=VARIANTS,
+                    help="run ftedit's side with one of the reference's choices (see ftedit_variant)")
     ap.add_argument("--stats-samples", type=int, default=StatsConfig.n_samples)
     ap.add_argument("--stats-dir", type=Path, default=None, help="where the reference's statistics files go "
                     "(default: a temporary folder)")
@@ -534,6 +598,7 @@ def main() -> None:
         stats_cfgs = {r.method: r.cfg.stats for r in runs if r.method != "ft-m"}
         covs: dict[int, torch.Tensor] = {}
         report: dict[str, Any] = {"model": identity.to_dict(), "dtype": args.dtype, "templates": args.templates,
+                                  "ftedit_variant": args.ftedit_variant, "sets": args.set,
                                   "reference": str(args.reference), "module_templates": vars(tpl), "rows": []}
         if stats_cfgs:
             stats_cfg = next(iter(stats_cfgs.values()))
