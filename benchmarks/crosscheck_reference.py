@@ -371,23 +371,32 @@ def _reference_denominator():
 VARIANTS = ("none", "reversed-kl", "reference-keys", "plain-residual", "reference-denominator")
 
 
+def _variant_patches(name: str) -> list[tuple[Any, str, Any]]:
+    if name == "reversed-kl":
+        return [(ft_common, "F", _ReversedKL())]
+    if name == "reference-keys":
+        return [(ft_memit, "mean_keys", _reference_keys(ft_memit.mean_keys))]
+    if name == "plain-residual":
+        return [(ft_memit, "post_mlp_module", lambda model, layer: None)]
+    if name == "reference-denominator":
+        return _reference_denominator()
+    return []
+
+
 @contextlib.contextmanager
-def ftedit_variant(name: str):
-    """ftedit's side with one of the reference's choices (patched for this run only), to measure what it changes:
-    ``reversed-kl`` (value objectives' KL direction), ``reference-keys`` (MEMIT/AlphaEdit key averaging),
+def ftedit_variant(names: Sequence[str]):
+    """ftedit's side with some of the reference's choices (patched for this run only), to measure what they
+    change: ``reversed-kl`` (value objectives' KL direction), ``reference-keys`` (MEMIT/AlphaEdit key averaging),
     ``plain-residual`` (MEMIT/AlphaEdit: block-output residuals written into the down projection as they are,
     without mapping them through a post-MLP norm), ``reference-denominator`` (ROME's scale)."""
-    patches = {"none": [], "reversed-kl": [(ft_common, "F", _ReversedKL())],
-               "reference-keys": [(ft_memit, "mean_keys", _reference_keys(ft_memit.mean_keys))],
-               "plain-residual": [(ft_memit, "post_mlp_module", lambda model, layer: None)],
-               "reference-denominator": _reference_denominator() if name == "reference-denominator" else []}[name]
+    patches = [p for name in names for p in _variant_patches(name)]
     saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
     for module, attr, value in patches:
         setattr(module, attr, value)
     try:
         yield
     finally:
-        for module, attr, value in saved:
+        for module, attr, value in reversed(saved):
             setattr(module, attr, value)
 
 
@@ -409,7 +418,7 @@ class Run:
     requests: list[EditRequest]
 
 
-def run_ftedit(model, tok, run: Run, identity, weights: Weights, variant: str = "none") -> dict[str, Any]:
+def run_ftedit(model, tok, run: Run, identity, weights: Weights, variant: Sequence[str] = ()) -> dict[str, Any]:
     spec = get_method(run.method)
     box: list = []
     patch = {"memit": (ft_memit, "target_values"), "alphaedit": (ft_alphaedit, "target_values")}.get(run.method)
@@ -574,7 +583,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[],
                     help="override of ftedit's config, used by both sides: key=value or METHOD:key=value")
     ap.add_argument("--templates", default="shared", choices=["shared", "reference"])
-    ap.add_argument("--ftedit-variant", default="none", choices=VARIANTS,
+    ap.add_argument("--ftedit-variant", nargs="+", default=["none"], choices=VARIANTS,
                     help="run ftedit's side with one of the reference's choices (see ftedit_variant)")
     ap.add_argument("--stats-samples", type=int, default=StatsConfig.n_samples)
     ap.add_argument("--stats-dir", type=Path, default=None, help="where the reference's statistics files go "
