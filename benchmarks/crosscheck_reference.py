@@ -572,10 +572,23 @@ def compare(ref, model, tok, identity, run: Run, args, stats_dir: Path, tpl: Tem
     return row
 
 
+TINY = {"tiny-llama": "tiny_llama", "tiny-gemma3": "tiny_gemma3"}  # the test suite's random models (tests/tiny.py)
+
+
+def tiny_model_dir(name: str, folder: Path) -> str:
+    """Save one of the test suite's tiny random models (and its tokenizer) in ``folder``, for a quick check."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tiny = importlib.import_module("tiny")
+    tok = tiny.metaspace_tokenizer()
+    getattr(tiny, TINY[name])(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, required=True, help="an EasyEdit checkout (outside this repository)")
-    ap.add_argument("--model", default="demo")
+    ap.add_argument("--model", default="demo", help=f"an ftedit model spec, or one of {sorted(TINY)}")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--data", default=str(DATA / "counterfact-edit.json"))
     ap.add_argument("--n", type=int, default=20, help="requests for ROME, MEMIT and AlphaEdit")
@@ -600,7 +613,10 @@ def main() -> None:
                                                     else "crosscheck-reference.log")
 
     ref = import_reference(args.reference.resolve())
-    model, tok, identity = load_model(args.model, dtype=args.dtype)
+    with contextlib.ExitStack() as stack:
+        spec = tiny_model_dir(args.model, Path(stack.enter_context(tempfile.TemporaryDirectory()))) \
+            if args.model in TINY else args.model
+        model, tok, identity = load_model(spec, dtype=args.dtype)
     requests = load_requests(args.data, n=args.n).requests
     ft_requests = load_requests(args.data, n=args.ft_n).requests
     runs = build_runs(args, model, requests, ft_requests)
