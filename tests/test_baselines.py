@@ -275,6 +275,28 @@ def test_rome_writes_the_optimized_value(gpt2_model, gpt2_tok, corpus):
     snapshot.restore()
 
 
+def test_value_objective_penalizes_kl_of_the_edited_distribution_from_the_original(llama_model, llama_tok):
+    """The value's KL term is KL(edited || original) on "{subject} is a", as in ROME's equation 4 and code, not
+    the reverse. Sharpened logits (LM head x 30) make the two directions differ well beyond the tolerance."""
+    import torch.nn.functional as F
+
+    from ftedit.baselines.common import ValueConfig, ValueProblem
+
+    with torch.no_grad():
+        llama_model.get_output_embeddings().weight.mul_(30.0)
+    problem = ValueProblem(llama_model, llama_tok, REQUESTS[0], [""], 1)
+    cfg = ValueConfig(steps=2, lr=1.0, weight_decay=0.0, kl_factor=1.0, clamp_norm_factor=1e4)
+    delta, _, info = problem.solve(cfg)
+    original = problem.log_probs(torch.zeros_like(delta))[2]
+    edited = problem.log_probs(delta)[2]
+    edited_first = (edited.exp() * (edited - original)).sum(-1).mean().item()
+    original_first = (original.exp() * (original - edited)).sum(-1).mean().item()
+    assert abs(edited_first - original_first) > 0.01 * edited_first  # ten times the tolerance below
+    assert info["kl"] == pytest.approx(edited_first, rel=1e-3)
+    assert F.kl_div(original, edited, log_target=True, reduction="batchmean").item() == \
+        pytest.approx(edited_first, rel=1e-4)
+
+
 def test_ft_l_keeps_weights_within_the_norm_bound(gpt2_model, gpt2_tok):
     before = {n: p.detach().clone() for n, p in gpt2_model.named_parameters()}
     applied = apply_method("ft-l", gpt2_model, gpt2_tok, REQUESTS, progress=False,

@@ -72,7 +72,8 @@ class ValueConfig:
     steps: int = 20  # v_num_grad_steps: Adam steps on the residual delta
     lr: float = 0.5  # v_lr
     weight_decay: float = 0.5  # v_weight_decay: times ||delta|| / ||initial value||^2
-    kl_factor: float = 0.0625  # weight of KL(original || edited) on "{subject} is a", keeps the subject's essence
+    # weight of KL(edited || original) on "{subject} is a" (ROME's equation 4 and code), keeps the subject's essence
+    kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0  # ||delta|| <= factor * ||initial value||
     loss_break: float = 5e-2  # stop once the total loss is below this
     context_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")  # starts of the prefixes
@@ -298,7 +299,8 @@ class ValueProblem:
                 per_row = torch.zeros(n_rewrite, device=logp.device).index_add(0, rows, logp)
                 counts = torch.zeros(n_rewrite, device=logp.device).index_add(0, rows, torch.ones_like(logp))
                 nll = -(per_row / counts).mean()
-                kl = cfg.kl_factor * F.kl_div(essence, kl_init, log_target=True, reduction="batchmean")
+                # F.kl_div(input, target) is KL(target || input): the edited distribution comes first
+                kl = cfg.kl_factor * F.kl_div(kl_init, essence, log_target=True, reduction="batchmean")
                 reference = self.reference_norm or self.initial.norm()
                 decay = cfg.weight_decay * delta.norm() / reference ** 2
                 loss = nll + kl + decay
