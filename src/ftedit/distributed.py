@@ -70,6 +70,17 @@ class DataParallel:
 
             PartialState().wait_for_everyone()
 
+    def close(self) -> None:
+        """End a finished run by tearing the process group down. A process that exits with its group alive can
+        abort (gloo: "terminate called without an active exception", seen once on a rank that finished while rank
+        0 was saving) and take the launch down with it. No barrier: after the last collective only rank 0 works,
+        and saving a large model can outlast a barrier's timeout."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor

@@ -193,7 +193,9 @@ def run_edit(opts: EditOptions) -> EditRun:
     save = _check_capabilities(spec, config, opts, parallel)
     inputs = _load_inputs(spec, config, opts)
     with report_interruption(out, opts.command):
-        return _edit_and_save(spec, config, save, inputs, out, opts, parallel)
+        run = _edit_and_save(spec, config, save, inputs, out, opts, parallel)
+    parallel.close()
+    return run
 
 
 def _edit_and_save(spec: MethodSpec, config, save: str, inputs: _Inputs, out: Path, opts: EditOptions,
