@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from _models import load_bench_model
 from ftedit.data.loaders import load_requests
 from ftedit.evaluate import evaluate_requests
 from ftedit.tokenization import encode_pair
@@ -64,17 +65,7 @@ def reference_metrics(model, tok, requests) -> dict[str, float]:
 
 
 def load(args):
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny
-        from ftedit.models import prepare_tokenizer
-
-        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
-        return tiny.tiny_gemma3(tok), tok
-    from ftedit.models import load_model
-
-    model, tok, _ = load_model(args.model, device="cpu", dtype="fp32")
-    return model, tok
+    return load_bench_model(args.model, tiny=args.tiny, dtype="fp32")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from _models import load_bench_model
 from ftedit.atomic import write_json_atomic
 from ftedit.data.loaders import load_requests
 from ftedit.evaluate import evaluate_requests, scoring
@@ -47,17 +48,7 @@ PASSES = ("before", "fp32", "bf16", "bf16+rescore")
 
 
 def load(args):
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny
-        from ftedit.models import prepare_tokenizer
-
-        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
-        return tiny.tiny_gemma3(tok), tok
-    from ftedit.models import load_model
-
-    model, tok, _ = load_model(args.model, device="cpu", dtype="fp32")
-    return model, tok
+    return load_bench_model(args.model, tiny=args.tiny, dtype="fp32")
 
 
 def _run_batch_before(model, parts, batch, pad_token_id, out, starts, margins):

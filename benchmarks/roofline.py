@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _models import load_bench_model
 from ftedit.atomic import write_json_atomic
 from ftedit.config import resolve_config
 from ftedit.data.loaders import load_requests
@@ -137,17 +138,7 @@ def timed_scoring(model, tok, requests, args) -> tuple[float, Counter, dict]:
 
 
 def load(args):
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny
-        from ftedit.models import prepare_tokenizer
-
-        tok = prepare_tokenizer(tiny.metaspace_tokenizer())
-        return tiny.tiny_gemma3(tok), tok
-    from ftedit.models import load_model
-
-    model, tok, _ = load_model(args.model, device="cpu", dtype="auto")
-    return model, tok
+    return load_bench_model(args.model, tiny=args.tiny, dtype="auto")
 
 
 def measure(model, tok, args) -> list[dict]:

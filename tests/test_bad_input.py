@@ -411,3 +411,17 @@ def test_ctrl_c_before_any_checkpoint_leaves_no_output(tmp_path, llama_dir, data
     assert done.returncode == 130, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "nothing was saved" in done.stderr and "start over with: ftedit" in done.stderr
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+@pytest.mark.parametrize("command, target", [
+    (["eval", "--data", "edits.json", "--out", "scores.json"], "ftedit.evaluate.run.run_evaluation"),
+    (["locate", "--data", "edits.json", "--out", "sweep"], "ftedit.locate.run_sweeps"),
+])
+def test_ctrl_c_in_eval_and_locate_says_what_was_kept(command, target, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 130, done.output
+    assert "did not finish" in done.output and "run the same command" in done.output

@@ -722,3 +722,61 @@ def test_each_method_edits_the_base_weights(llama_model, llama_tok, tmp_path, da
         ("locft-bf", "none"), ("locft-bf", "edits"), ("rome", "none"), ("rome", "edits")]
     assert set(result["post_edit"]) == {"locft-bf", "rome"} and len(result["edits"]) == 2
     assert result["edits"][0]["location"] == {"source": "config"}
+
+
+def test_an_interrupted_study_resumes_with_its_finished_runs(tmp_path, gpt2_model, gpt2_tok, data_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ftedit.retention.study as study
+    from ftedit.commands import app
+
+    base = tmp_path / "base"
+    gpt2_model.save_pretrained(base)
+    gpt2_tok.save_pretrained(base)
+    cf = str(data_dir / "fixtures/counterfact_rome_format_first5.json")
+    (tmp_path / "wiki.txt").write_text("\n".join(["The sun is hot.", "Birds fly south.", "Rain falls."] * 2))
+
+    def args(out, *extra):
+        return ["retention", "--out", str(out), "--model", str(base), "--edits", cf, "--n", "2",
+                "--intrinsic-pool", cf, "--task", f"lm={tmp_path / 'wiki.txt'}", "--threshold", "lm=0",
+                "--method", "locft-bf", "--set", "train.epochs=1", "--set", "params.layers=1",
+                "--strategy", "none", "--strategy", "edits", "--max-steps", "2", "--probe-every", "1",
+                "--n-val", "2", "--batch-size", "2", "--no-progress", *extra]
+
+    real, calls = study._one_run, []
+
+    def interrupt_second(*a, **kw):
+        calls.append(a[3])  # the strategy
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(study, "_one_run", interrupt_second)
+    stopped = CliRunner().invoke(app, args(out))
+    assert stopped.exit_code == 130 and "1 finished downstream runs are kept" in stopped.output
+    assert "--resume" in stopped.output
+    partial = json.loads((out / "result.json").read_text())
+    assert partial["complete"] is False and [r["strategy"] for r in partial["runs"]] == ["none"]
+
+    refused = CliRunner().invoke(app, args(out))
+    assert refused.exit_code == 4 and "interrupted study" in refused.output and "--resume" in refused.output
+    other = CliRunner().invoke(app, args(out, "--lr", "1e-3", "--resume"))
+    assert other.exit_code != 0 and "config.downstream" in other.output
+
+    calls.clear()
+    monkeypatch.setattr(study, "_one_run", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    resumed = CliRunner().invoke(app, args(out, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert calls == ["edits"]  # only the missing run ran
+    done = json.loads((out / "result.json").read_text())
+    assert done["complete"] is True and [r["strategy"] for r in done["runs"]] == ["none", "edits"]
+    assert done["runs"][0] == partial["runs"][0]
+
+    calls.clear()
+    fresh = CliRunner().invoke(app, args(tmp_path / "fresh"))
+    assert fresh.exit_code == 0 and calls == ["none", "edits"]
+    whole = json.loads((tmp_path / "fresh" / "result.json").read_text())
+    for a, b in zip(done["runs"], whole["runs"]):  # the resumed study ends where an uninterrupted one does
+        assert a["curve"] == b["curve"] and a["final_metric"] == b["final_metric"]
+    assert CliRunner().invoke(app, args(out, "--resume")).exit_code == 4  # complete: nothing to resume

@@ -71,16 +71,23 @@ def eval_command(
     progress: options.Progress = True,
 ) -> dict[str, Any]:
     """Evaluate edits the way the literature does (COUNTERFACT ES/PS/NS, ZsRE token accuracy)."""
-    from ftedit.errors import UsageError
+    from ftedit.errors import Interrupted, UsageError
     from ftedit.evaluate.run import EvalSettings, run_evaluation
 
     if not data:
         raise UsageError("ftedit eval needs --data FILE (the edit requests to score)")
-    outcome = run_evaluation(EvalSettings(
+    settings = EvalSettings(
         model=model, data=data, n=n, offset=offset, seed=seed, protocol=protocol, batch_size=batch_size, out=out,
         base_model=base_model, details=details, fluency=fluency, gen_max_len=gen_max_len, gen_top_k=gen_top_k,
         snippets=snippets, idf=idf, tfidf_vocab=tfidf_vocab, ppl_data=ppl_data, ppl_n=ppl_n,
-        ppl_max_length=ppl_max_length, missing=missing, chat_template=chat_template, device=device, dtype=dtype, progress=progress))
+        ppl_max_length=ppl_max_length, missing=missing, chat_template=chat_template, device=device, dtype=dtype,
+        progress=progress)
+    try:
+        outcome = run_evaluation(settings)
+    except KeyboardInterrupt:
+        written = f"; {out} was not written" if out else ""
+        raise Interrupted(f"interrupted: scoring did not finish{written}",
+                          hint="scoring keeps no partial results: run the same command again") from None
     print_table(outcome.result, outcome.base_result, outcome.deltas,
                 f"{model} on {Path(data).name} ({outcome.n_requests} records)")
     return outcome.payload

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,6 +49,8 @@ def retention_command(
     sft_chat_template: Annotated[str, typer.Option(help="sft task: auto (the tokenizer's chat template when it "
                                                         "has one), on, off.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing study in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted study in --out (same command): its "
+                                              "finished runs are kept.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     dtype: options.Dtype = "auto",
     progress: options.Progress = True,
@@ -55,6 +58,7 @@ def retention_command(
     """Edit, fine-tune downstream under protection strategies until each task's threshold, and report how much
     edited vs intrinsic knowledge survives (paper 002)."""
     from ftedit.config import DEFAULT_RECIPE
+    from ftedit.outputs import interrupted_study
     from ftedit.retention.finetune import downstream_config
     from ftedit.retention.run import run_retention
     from ftedit.retention.study import StudyConfig
@@ -68,8 +72,11 @@ def retention_command(
                       filter_intrinsic=filter_intrinsic,
                       downstream=downstream_config(lr=lr, batch_size=batch_size, max_steps=max_steps,
                                                    eval_every=eval_every, probe_every=probe_every))
-    result = run_retention(cfg, model=model, out=out, overwrite=overwrite, device=device, dtype=dtype,
-                           progress=progress)
+    try:
+        result = run_retention(cfg, model=model, out=out, overwrite=overwrite, device=device, dtype=dtype,
+                               progress=progress, resume=resume)
+    except KeyboardInterrupt:
+        raise interrupted_study(out, sys.argv[1:]) from None
     print_summary(result)
     console.print(f"wrote {out}/report.md, result.json and the plots")
 

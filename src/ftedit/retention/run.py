@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ftedit.errors import MissingInputError, OutputDirError
+from ftedit.errors import MissingInputError, OutputDirError, UsageError
 from ftedit.models import load_model
 from ftedit.retention.report import write_report
-from ftedit.retention.study import StudyConfig, run_study
+from ftedit.retention.study import Finished, StudyConfig, run_study
+
+logger = logging.getLogger(__name__)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -21,12 +25,42 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _interrupted_study(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The partial result.json a resumed study continues, or None to start afresh (refusing to clobber one)."""
+    path = out / "result.json"
+    if not path.exists() or overwrite:
+        if resume and not path.exists():
+            logger.info("nothing to resume in %s: starting the study", out)
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("complete", True):
+        raise OutputDirError(f"{out} already holds a complete study", hint="pass --overwrite to replace it")
+    if not resume:
+        raise OutputDirError(f"{out} holds an interrupted study ({len(saved.get('runs', []))} runs finished)",
+                             hint="pass --resume to continue it, or --overwrite to start over")
+    return saved
+
+
+def _check_same_study(out: Path, saved: dict[str, Any], cfg: StudyConfig, identity: dict[str, Any]) -> None:
+    now = {"config": json.loads(json.dumps(asdict(cfg))), "base_model": identity}
+    differ = sorted(f"config.{k}" for k in set(now["config"]) | set(saved["config"])
+                    if now["config"].get(k) != saved["config"].get(k))
+    if saved.get("base_model") != identity:
+        differ.append("base model")
+    if differ:
+        raise UsageError(f"--resume: the interrupted study in {out} ran with other settings: {', '.join(differ)}",
+                         hint="repeat its command with --resume, or pass --overwrite to start over")
+
+
 def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, device: str | None, dtype: str,
-                  progress: bool) -> dict[str, Any]:
-    """``ftedit retention``: load the base (and an earlier edit's) model, run the study, write the report."""
+                  progress: bool, resume: bool = False) -> dict[str, Any]:
+    """``ftedit retention``: load the base (and an earlier edit's) model, run the study, write the report.
+
+    ``resume`` continues the interrupted study in ``out`` (same settings and base model): its finished runs
+    are kept and only the missing ones run.
+    """
     out = Path(out)
-    if (out / "result.json").exists() and not overwrite:
-        raise OutputDirError(f"{out} already holds a study", hint="pass --overwrite to replace it")
+    saved = _interrupted_study(out, resume, overwrite)
     manifest = edited = None
     if cfg.from_edit:
         manifest = _read_manifest(Path(cfg.from_edit))
@@ -37,9 +71,14 @@ def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, d
         edited, _, _ = load_model(str(model_dir), device=device, dtype=dtype)
         cfg.methods = [manifest.get("recipe") or manifest.get("method") or cfg.methods[0]]
     base, tok, identity = load_model(model or "demo", device=device, dtype=dtype)
+    finished = None
+    if saved is not None:
+        _check_same_study(out, saved, cfg, identity.to_dict())
+        finished = Finished.from_result(saved)
+        logger.info("resuming the study in %s: %d runs finished", out, len(finished.runs))
     extra = {"base_model": identity.to_dict(), "command": "ftedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     result = run_study(cfg, base, tok, edited_model=edited, manifest=manifest, progress=progress, identity=identity,
-                       on_partial=lambda partial: write_report(out, {**partial, **extra}))
+                       on_partial=lambda partial: write_report(out, {**partial, **extra}), finished=finished)
     result.update(extra)
     write_report(out, result)
     return result

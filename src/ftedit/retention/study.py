@@ -21,7 +21,7 @@ from torch import nn
 from ftedit.config import DEFAULT_RECIPE, EditConfig
 from ftedit.data.loaders import load_pool_facts, load_requests
 from ftedit.data.requests import EditRequest
-from ftedit.errors import InputError
+from ftedit.errors import InputError, UsageError
 from ftedit.methods import apply_spec
 from ftedit.registry import ApplyContext, get_method
 from ftedit.retention.filtering import MentionFilter, edit_terms
@@ -243,12 +243,42 @@ def _from_manifest(cfg: StudyConfig, method: str, model, tok, prep: Prepared,
     return EditedModel(method, model, touched, _state(model), post, rehearse), info
 
 
+@dataclass
+class Finished:
+    """What an interrupted study (its ``result.json``) already holds: a resumed study takes these runs over."""
+
+    runs: dict[tuple[str, str, str], dict[str, Any]]  # (method, task kind, strategy) -> run
+    edits: dict[str, dict[str, Any]]  # method -> edit info
+    post_edit: dict[str, dict[str, Any]]  # method -> post-edit snapshot
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Finished:
+        return cls({(r["method"], r["task"], r["strategy"]): r for r in result.get("runs", [])},
+                   {e["method"]: e for e in result.get("edits", [])}, dict(result.get("post_edit", {})))
+
+
 def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, manifest: dict[str, Any] | None, progress: bool,
-             on_run: Callable[[dict[str, Any]], None] | None = None, identity=None) -> dict[str, Any]:
-    """Every method edits the base model in turn (or ``manifest``'s edit is given); all runs start from it."""
+             on_run: Callable[[dict[str, Any]], None] | None = None, identity=None,
+             finished: Finished | None = None) -> dict[str, Any]:
+    """Every method edits the base model in turn (or ``manifest``'s edit is given); all runs start from it.
+
+    ``finished``: runs of an interrupted study, taken over as they are. A method whose runs are all there is
+    not edited again; otherwise its edit is redone (same seed) and only the missing runs are run.
+    """
     outcome: dict[str, Any] = {"edits": [], "post_edit": {}, "runs": []}
+    done = finished or Finished({}, {}, {})
     base_state = _state(model) if manifest is None and len(cfg.methods) > 1 else None
     for method in cfg.methods:
+        # Strategy-major order: an interrupted study has already covered every task for the first strategies.
+        keys = [(method, task.config.kind, s) for s in cfg.strategies for task in prep.tasks]
+        if method in done.edits and all(k in done.runs for k in keys):
+            logger.info("%s: all %d runs taken over from the interrupted study", method, len(keys))
+            outcome["edits"].append(done.edits[method])
+            outcome["post_edit"][method] = done.post_edit[method]
+            outcome["runs"] += [done.runs[k] for k in keys]
+            if on_run is not None:
+                on_run(outcome)
+            continue
         if manifest is not None:
             edited, info = _from_manifest(cfg, method, model, tok, prep, manifest)
         else:
@@ -258,10 +288,15 @@ def run_mass(cfg: StudyConfig, model, tok, prep: Prepared, manifest: dict[str, A
                                          identity)
         outcome["edits"].append(info)
         outcome["post_edit"][method] = edited.post.to_dict()
-        # Strategy-major order: an interrupted study has already covered every task for the first strategies.
+        reused = sum(k in done.runs for k in keys)
+        if reused:
+            logger.info("%s: edit redone; %d of %d runs taken over from the interrupted study", method, reused,
+                        len(keys))
         for s in cfg.strategies:
             for task in prep.tasks:
-                outcome["runs"].append(_one_run(edited, tok, task, s, prep.probes, cfg, prep.related))
+                key = (method, task.config.kind, s)
+                run = done.runs.get(key) or _one_run(edited, tok, task, s, prep.probes, cfg, prep.related)
+                outcome["runs"].append(run)
                 if on_run is not None:
                     on_run(outcome)
     return outcome
@@ -348,7 +383,8 @@ def load_edit_requests(cfg: StudyConfig, manifest: dict[str, Any] | None) -> lis
 
 def run_study(cfg: StudyConfig, base_model: nn.Module, tok, *, edited_model: nn.Module | None = None,
               manifest: dict[str, Any] | None = None, progress: bool = True,
-              on_partial: Callable[[dict[str, Any]], None] | None = None, identity=None) -> dict[str, Any]:
+              on_partial: Callable[[dict[str, Any]], None] | None = None, identity=None,
+              finished: Finished | None = None) -> dict[str, Any]:
     """Run the whole study; returns the result dict that :func:`ftedit.retention.report.write_report` writes.
 
     ``on_partial`` receives the result so far (``"complete": False``) after every finished run, e.g. to write
@@ -357,8 +393,12 @@ def run_study(cfg: StudyConfig, base_model: nn.Module, tok, *, edited_model: nn.
     ``base_model`` is edited in place (mass protocol without ``edited_model``). With ``edited_model`` and its
     ``manifest`` (from ``ftedit edit``), the base model is only measured and the edit is not redone.
     ``identity`` (the base model's ModelIdentity) lets ``params.layers=auto`` find a bundled model's shipped
-    location, as ``ftedit edit`` does.
+    location, as ``ftedit edit`` does. ``finished``: the runs of an interrupted study to take over (mass
+    protocol only; see :func:`run_mass`).
     """
+    if finished is not None and cfg.protocol == "single":
+        raise UsageError("a single-protocol study cannot be resumed (its runs are averaged over the edits as they "
+                         "go); start it over with --overwrite")
     start = time.perf_counter()
     requests = load_edit_requests(cfg, manifest)
     prep = prepare(cfg, base_model, tok, requests)
@@ -378,7 +418,7 @@ def run_study(cfg: StudyConfig, base_model: nn.Module, tok, *, edited_model: nn.
     if cfg.protocol == "single":
         outcome = run_single(cfg, base_model, tok, prep, progress, partial, identity)
     elif edited_model is not None:
-        outcome = run_mass(cfg, edited_model, tok, prep, manifest, progress, partial)
+        outcome = run_mass(cfg, edited_model, tok, prep, manifest, progress, partial, finished=finished)
     else:
-        outcome = run_mass(cfg, base_model, tok, prep, None, progress, partial, identity)
+        outcome = run_mass(cfg, base_model, tok, prep, None, progress, partial, identity, finished)
     return result(outcome, True)
