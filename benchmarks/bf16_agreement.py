@@ -34,7 +34,7 @@ from _models import load_bench_model
 from ftedit.atomic import write_json_atomic
 from ftedit.data.loaders import load_requests
 from ftedit.evaluate import evaluate_requests, scoring
-from ftedit.evaluate.counterfact import KINDS, _plan, _summary
+from ftedit.evaluate.counterfact import KINDS, _plan, summarize_records
 from ftedit.precision import ENV_OVERRIDE, set_requested
 from ftedit.tokenization import EncodedPair, encode_pair, pad_right
 
@@ -118,7 +118,7 @@ def run_passes(model, tok, requests, args) -> dict:
         for name in PASSES:
             run_chunk(model, tok, requests[start:start + args.chunk], name, args, totals[name])
     for name, total in totals.items():
-        total["summary"] = _summary(total["records"])
+        total["summary"] = summarize_records(total["records"])
         logger.info("%-13s %7.1f s wall, %7.1f s CPU, pairs re-scored in fp32: %d", name, total["seconds"],
                     total["cpu_seconds"], total["rescored"])
     return totals
