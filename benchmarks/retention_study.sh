@@ -4,6 +4,7 @@
 # template. The thresholds below are starting points, not calibrated: check each task's report for runs the
 # step cap stopped ("Runs the step cap stopped") and adjust the threshold or the cap, never the probes.
 #   benchmarks/retention_study.sh OUT_DIR [N_EDITS] [N_INTRINSIC]
+# Interrupted? Run the same command again: finished studies are skipped and the others resume (--resume).
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR [N_EDITS] [N_INTRINSIC]}
 N=${2:-100}
@@ -19,11 +20,17 @@ COMMON=(--edits "$D/counterfact/easyedit/counterfact-edit.json" --n "$N"
         --intrinsic-pool "$D/counterfact/easyedit/counterfact-train.json" --n-intrinsic "$NI"
         --max-steps "${MAX_STEPS:-1000}" --eval-every 10 --probe-every 20 --lr 5e-5 --batch-size 8 --no-progress)
 
-run() {  # run NAME MODEL TASK THRESHOLD [extra options]
+complete() {  # the study in $1 has finished
+  python3 -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("complete") else 1)' \
+    "$1/result.json" 2>/dev/null
+}
+
+run() {  # run NAME MODEL TASK THRESHOLD [extra options]; rerunning the script continues where it stopped
   local name=$1 model=$2 task=$3 threshold=$4
   shift 4
+  if complete "$OUT/$name"; then echo "$name: complete, skipped"; return; fi
   flock "$LOCK" "$FTEDIT" retention --out "$OUT/$name" --model "$model" --task "$task" --threshold "$threshold" \
-    "${COMMON[@]}" "${STRATEGIES[@]}" "$@"
+    "${COMMON[@]}" "${STRATEGIES[@]}" --resume "$@"
 }
 
 run lm demo "lm=$D/downstream/wiki_summaries.jsonl" "lm=${LM_THRESHOLD:-rel:0.95}" "${METHODS[@]}"
