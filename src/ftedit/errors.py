@@ -75,6 +75,16 @@ class Interrupted(FteditError):
     exit_code = EXIT_INTERRUPTED
 
 
+@contextmanager
+def on_interrupt(error: Callable[[], Interrupted]) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into the :class:`Interrupted` that ``error()`` builds at that moment (what
+    was kept, and how to continue)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise error() from None
+
+
 def format_error(error: FteditError) -> list[str]:
     """The lines a user sees for ``error``: the message, then the hint if any."""
     lines = [f"error: {error}"]

@@ -18,7 +18,7 @@ from ftedit.adapters import SAVED_ALONE
 from ftedit.atomic import atomic_directory, remove_stale_temps, write_json_atomic
 from ftedit.checkpoint import STATE_NAME
 from ftedit.data.requests import EditRequest, request_hash
-from ftedit.errors import Interrupted, OutputDirError, UsageError
+from ftedit.errors import Interrupted, OutputDirError, UsageError, on_interrupt
 from ftedit.ledger import LEDGER_NAME, LedgerEntry, new_entries, write_ledger
 from ftedit.registry import AppliedEdit
 
@@ -154,30 +154,13 @@ def interrupted_edit(out: Path, existed: bool, argv: Sequence[str] | None = None
                        hint=f"continue with: {edit_command(argv, resume=True)}")
 
 
-def interrupted_study(out: Path, argv: Sequence[str] | None = None) -> Interrupted:
-    """The error for Ctrl-C during ``ftedit retention`` writing to ``out``: the finished runs its interim
-    result.json keeps, and the command that continues."""
-    path = Path(out) / "result.json"
-    try:
-        runs = len(json.loads(path.read_text()).get("runs", []))
-    except (OSError, ValueError):
-        runs = 0
-    if not runs:
-        return Interrupted(f"interrupted before the first downstream run finished: no run was kept in {out}",
-                           hint=f"start over with: {edit_command(argv, resume=False)}")
-    return Interrupted(f"interrupted: {runs} finished downstream runs are kept in {path}",
-                       hint=f"continue with: {edit_command(argv, resume=True)}")
-
-
 @contextmanager
 def report_interruption(out: Path, argv: Sequence[str] | None = None) -> Iterator[None]:
     """Turn Ctrl-C inside the block into :class:`Interrupted` describing ``out`` (temp folders are already gone:
     :func:`~ftedit.atomic.atomic_directory` removes its own)."""
     existed = Path(out).exists()
-    try:
+    with on_interrupt(lambda: interrupted_edit(out, existed, argv)):
         yield
-    except KeyboardInterrupt:
-        raise interrupted_edit(out, existed, argv) from None
 
 
 def build_manifest(applied: AppliedEdit, requests: Sequence[EditRequest], base_identity: dict[str, Any],

@@ -71,7 +71,7 @@ def eval_command(
     progress: options.Progress = True,
 ) -> dict[str, Any]:
     """Evaluate edits the way the literature does (COUNTERFACT ES/PS/NS, ZsRE token accuracy)."""
-    from ftedit.errors import Interrupted, UsageError
+    from ftedit.errors import Interrupted, UsageError, on_interrupt
     from ftedit.evaluate.run import EvalSettings, run_evaluation
 
     if not data:
@@ -82,12 +82,10 @@ def eval_command(
         snippets=snippets, idf=idf, tfidf_vocab=tfidf_vocab, ppl_data=ppl_data, ppl_n=ppl_n,
         ppl_max_length=ppl_max_length, missing=missing, chat_template=chat_template, device=device, dtype=dtype,
         progress=progress)
-    try:
+    written = f"; {out} was not written" if out else ""
+    with on_interrupt(lambda: Interrupted(f"interrupted: scoring did not finish{written}",
+                                          hint="scoring keeps no partial results: run the same command again")):
         outcome = run_evaluation(settings)
-    except KeyboardInterrupt:
-        written = f"; {out} was not written" if out else ""
-        raise Interrupted(f"interrupted: scoring did not finish{written}",
-                          hint="scoring keeps no partial results: run the same command again") from None
     print_table(outcome.result, outcome.base_result, outcome.deltas,
                 f"{model} on {Path(data).name} ({outcome.n_requests} records)")
     return outcome.payload

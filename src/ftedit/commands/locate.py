@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ftedit.commands import options
 from ftedit.commands.console import console
-from ftedit.errors import Interrupted, UsageError
+from ftedit.errors import Interrupted, UsageError, on_interrupt
 from ftedit.locate import SweepResult
 
 
@@ -34,29 +34,25 @@ def locate_command(
     progress: options.Progress = True,
 ) -> None:
     """Sweep layers x modules with short trial edits; write a heatmap and table and recommend a location."""
+    from ftedit.locate import run_calibration_sweep, run_sweeps
+
     if calibration == bool(data):
         raise UsageError("pass either --data FILE (a search on those edits) or --calibration (the search "
                          "that --layers auto runs, on the shipped calibration set)")
-    try:
-        _run(calibration, data, out, model, recipe, set_ or [], strategy, n, offset, device, dtype, progress)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted: the search did not finish",
-                          hint=f"a search's report (in {out}) and cache entry are written when it completes: run "
-                               "the same command to start it over") from None
-
-
-def _run(calibration, data, out, model, recipe, set_, strategy, n, offset, device, dtype, progress) -> None:
-    from ftedit.locate import run_calibration_sweep, run_sweeps
-
-    if calibration:
-        result, shipped = run_calibration_sweep(out=out, model=model, recipe=recipe, overrides=set_,
-                                                strategy=strategy, n=n, device=device, dtype=dtype, progress=progress)
-        _print(result, Path(out))
-        _against_shipped(result, shipped)
-        return
-    strategy = strategy or "exhaustive"
-    results = run_sweeps(data=data, out=out, model=model, recipe=recipe, overrides=set_, strategy=strategy,
-                         n=n, offset=offset, device=device, dtype=dtype, progress=progress)
+    interrupted = Interrupted("interrupted: the search did not finish",
+                              hint=f"a search's report (in {out}) and cache entry are written when it completes: "
+                                   "run the same command to start it over")
+    with on_interrupt(lambda: interrupted):
+        if calibration:
+            result, shipped = run_calibration_sweep(out=out, model=model, recipe=recipe, overrides=set_ or [],
+                                                    strategy=strategy, n=n, device=device, dtype=dtype,
+                                                    progress=progress)
+            _print(result, Path(out))
+            _against_shipped(result, shipped)
+            return
+        strategy = strategy or "exhaustive"
+        results = run_sweeps(data=data, out=out, model=model, recipe=recipe, overrides=set_ or [],
+                             strategy=strategy, n=n, offset=offset, device=device, dtype=dtype, progress=progress)
     for name, result in results.items():
         _print(result, Path(out) / name)
     if strategy == "both":

@@ -58,9 +58,9 @@ def retention_command(
     """Edit, fine-tune downstream under protection strategies until each task's threshold, and report how much
     edited vs intrinsic knowledge survives (paper 002)."""
     from ftedit.config import DEFAULT_RECIPE
-    from ftedit.outputs import interrupted_study
+    from ftedit.errors import on_interrupt
     from ftedit.retention.finetune import downstream_config
-    from ftedit.retention.run import run_retention
+    from ftedit.retention.run import interrupted_study, run_retention
     from ftedit.retention.study import StudyConfig
     from ftedit.retention.tasks import parse_tasks
 
@@ -72,11 +72,9 @@ def retention_command(
                       filter_intrinsic=filter_intrinsic,
                       downstream=downstream_config(lr=lr, batch_size=batch_size, max_steps=max_steps,
                                                    eval_every=eval_every, probe_every=probe_every))
-    try:
+    with on_interrupt(lambda: interrupted_study(out, sys.argv[1:])):
         result = run_retention(cfg, model=model, out=out, overwrite=overwrite, device=device, dtype=dtype,
                                progress=progress, resume=resume)
-    except KeyboardInterrupt:
-        raise interrupted_study(out, sys.argv[1:]) from None
     print_summary(result)
     console.print(f"wrote {out}/report.md, result.json and the plots")
 

@@ -6,12 +6,14 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ftedit.errors import MissingInputError, OutputDirError, UsageError
+from ftedit.errors import Interrupted, MissingInputError, OutputDirError, UsageError
 from ftedit.models import load_model
+from ftedit.outputs import edit_command
 from ftedit.retention.report import write_report
 from ftedit.retention.study import Finished, StudyConfig, run_study
 
@@ -25,14 +27,19 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _interrupted_study(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def _saved_result(out: Path) -> dict[str, Any] | None:
+    """The study's result.json in ``out`` (interim while ``"complete"`` is false), or None."""
+    path = Path(out) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _study_to_resume(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """The partial result.json a resumed study continues, or None to start afresh (refusing to clobber one)."""
-    path = out / "result.json"
-    if not path.exists() or overwrite:
-        if resume and not path.exists():
+    saved = None if overwrite else _saved_result(out)
+    if saved is None:
+        if resume and not overwrite:
             logger.info("nothing to resume in %s: starting the study", out)
         return None
-    saved = json.loads(path.read_text())
     if saved.get("complete", True):
         raise OutputDirError(f"{out} already holds a complete study", hint="pass --overwrite to replace it")
     if not resume:
@@ -42,14 +49,27 @@ def _interrupted_study(out: Path, resume: bool, overwrite: bool) -> dict[str, An
 
 
 def _check_same_study(out: Path, saved: dict[str, Any], cfg: StudyConfig, identity: dict[str, Any]) -> None:
-    now = {"config": json.loads(json.dumps(asdict(cfg))), "base_model": identity}
-    differ = sorted(f"config.{k}" for k in set(now["config"]) | set(saved["config"])
-                    if now["config"].get(k) != saved["config"].get(k))
+    config = json.loads(json.dumps(asdict(cfg)))  # as result.json holds it
+    differ = sorted(f"config.{k}" for k in set(config) | set(saved["config"]) if config.get(k) != saved["config"].get(k))
     if saved.get("base_model") != identity:
         differ.append("base model")
     if differ:
         raise UsageError(f"--resume: the interrupted study in {out} ran with other settings: {', '.join(differ)}",
                          hint="repeat its command with --resume, or pass --overwrite to start over")
+
+
+def interrupted_study(out: Path, argv: Sequence[str] | None = None) -> Interrupted:
+    """The error for Ctrl-C during ``ftedit retention`` writing to ``out``: the finished runs its interim
+    result.json keeps, and the command that continues."""
+    try:
+        runs = len((_saved_result(out) or {}).get("runs", []))
+    except (OSError, ValueError):
+        runs = 0
+    if not runs:
+        return Interrupted(f"interrupted before the first downstream run finished: no run was kept in {out}",
+                           hint=f"start over with: {edit_command(argv, resume=False)}")
+    return Interrupted(f"interrupted: {runs} finished downstream runs are kept in {Path(out) / 'result.json'}",
+                       hint=f"continue with: {edit_command(argv, resume=True)}")
 
 
 def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, device: str | None, dtype: str,
@@ -60,7 +80,7 @@ def run_retention(cfg: StudyConfig, *, model: str, out: Path, overwrite: bool, d
     are kept and only the missing ones run.
     """
     out = Path(out)
-    saved = _interrupted_study(out, resume, overwrite)
+    saved = _study_to_resume(out, resume, overwrite)
     manifest = edited = None
     if cfg.from_edit:
         manifest = _read_manifest(Path(cfg.from_edit))
